@@ -1,0 +1,18 @@
+"""hf_codistill: codistillation (Anil et al. 2018; Sodhani et al. 2021) for the Hugging Face `Trainer`."""
+
+from .checkpointing import get_last_checkpoint
+from .config import CodistillTrainingArguments
+from .losses import distillation_loss
+from .topology import GroupTopology, get_topology, init_groups
+from .trainer import CodistillTrainer
+
+__all__ = [
+    "CodistillTrainer",
+    "CodistillTrainingArguments",
+    "GroupTopology",
+    "distillation_loss",
+    "get_last_checkpoint",
+    "get_topology",
+    "init_groups",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,113 @@
+"""On-disk layout of codistilled runs and what makes a checkpoint complete.
+
+    output_dir/
+        config.json, model.safetensors, ...    group 0's final model, so `from_pretrained(output_dir)` works
+        codistill.json                          G and the codistillation settings
+        group_<g>/                              group g's final model, tokenizer, metrics, model card
+            checkpoint-<N>/                     Trainer's checkpoint of group g (model, optimizer, scheduler, RNG)
+                codistill_peers.safetensors     its stale peer copies
+                codistill_init.safetensors      its initial parameters (distance-from-init diagnostic)
+                codistill_state.json            written last, once every group has written step N
+
+A step N is resumable only when every group's `checkpoint-N` holds `codistill_state.json`; checkpoints are rotated
+only after that, so a crash while saving never leaves groups without a common step to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+GROUP_DIR = "group_{}"
+STATE_NAME = "codistill_state.json"
+PEERS_NAME = "codistill_peers.safetensors"
+INIT_NAME = "codistill_init.safetensors"
+RUN_INFO_NAME = "codistill.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def group_dir(root: str, group: int) -> str:
+    return os.path.join(root, GROUP_DIR.format(group))
+
+
+def _complete_steps(group_root: str) -> dict[int, str]:
+    if not os.path.isdir(group_root):
+        return {}
+    steps = {}
+    for name in os.listdir(group_root):
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(group_root, name)
+        if match and os.path.isfile(os.path.join(path, STATE_NAME)):
+            steps[int(match.group(1))] = path
+    return steps
+
+
+def read_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, STATE_NAME)) as f:
+        return json.load(f)
+
+
+def get_last_checkpoint(root: str, num_groups: int | None = None) -> int | None:
+    """The last step that every group checkpointed completely under `root`, or `None`.
+
+    Raises when the checkpoints there were written with another number of groups.
+    """
+    group_zero = _complete_steps(group_dir(root, 0))
+    if not group_zero:
+        return None
+    latest = max(group_zero)
+    written_with = read_state(group_zero[latest])["num_groups"]
+    if num_groups is not None and written_with != num_groups:
+        raise ValueError(
+            f"The checkpoints in {root} were written with num_groups={written_with}, but num_groups={num_groups} now: "
+            f"pass `--num_groups {written_with}` to resume them, or choose a new `output_dir` to start afresh."
+        )
+    common = set(group_zero)
+    for group in range(1, written_with):
+        common &= set(_complete_steps(group_dir(root, group)))
+    return max(common) if common else None
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, root: str, group: int, num_groups: int) -> str:
+    """This group's checkpoint to resume from, given `True` (the last complete step) or any group's checkpoint path."""
+    if resume_from_checkpoint is True:
+        step = get_last_checkpoint(root, num_groups)
+        if step is None:
+            raise ValueError(f"No complete codistillation checkpoint found in {root}.")
+    else:
+        path = os.path.normpath(str(resume_from_checkpoint))
+        match = _CHECKPOINT_RE.match(os.path.basename(path))
+        if match is None:
+            raise ValueError(
+                f"`resume_from_checkpoint` must be True or a path like {group_dir(root, 0)}/checkpoint-500, got {path}."
+            )
+        step = int(match.group(1))
+        root = os.path.dirname(os.path.dirname(path))
+    checkpoint = os.path.join(group_dir(root, group), f"checkpoint-{step}")
+    if not os.path.isfile(os.path.join(checkpoint, STATE_NAME)):
+        raise ValueError(
+            f"{checkpoint} is missing or incomplete (no {STATE_NAME}); resume from a step every group saved, e.g. "
+            f"`resume_from_checkpoint=True`."
+        )
+    written_with = read_state(checkpoint)["num_groups"]
+    if written_with != num_groups:
+        raise ValueError(
+            f"{checkpoint} was written with num_groups={written_with}, but num_groups={num_groups} now: pass "
+            f"`--num_groups {written_with}` to resume it, or choose a new `output_dir` to start afresh."
+        )
+    return checkpoint
+
+
+def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep: str | None = None) -> None:
+    """Keep the newest `save_total_limit` complete checkpoints (and `keep`, the best one); drop the rest."""
+    if not save_total_limit:
+        return
+    steps = _complete_steps(group_root)
+    doomed = sorted(steps)[:-save_total_limit]
+    for step in doomed:
+        path = steps[step]
+        if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
+            continue
+        shutil.rmtree(path, ignore_errors=True)

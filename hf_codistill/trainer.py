@@ -1,0 +1,362 @@
+"""`CodistillTrainer`: `Trainer` plus a distillation term toward stale copies of the other groups' models."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections import defaultdict
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .checkpointing import (
+    INIT_NAME,
+    PEERS_NAME,
+    RUN_INFO_NAME,
+    STATE_NAME,
+    group_dir,
+    resolve_resume_checkpoint,
+    rotate_group_checkpoints,
+)
+from .config import CodistillTrainingArguments
+from .exchange import PeerCopies
+from .losses import distillation_loss, select_labelled_positions
+from .topology import GroupTopology, get_topology
+
+
+def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
+    """Reload a checkpoint's weights through `from_pretrained`, which applies the model's key renaming.
+
+    Trainer's resume loads the raw state dict; for models whose saved names differ from their module names (ViT in
+    transformers 5.2x) it silently keeps the current weights, and resumed runs drift off their trajectory.
+    """
+    if not isinstance(model, PreTrainedModel) or not os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)):
+        return
+    saved = type(model).from_pretrained(checkpoint, config=model.config)
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict(), strict=False)
+
+
+class _CodistillCallback(TrainerCallback):
+    """Ties the peer exchange and the checkpoint extras to Trainer's step and save events.
+
+    `on_step_end` follows every optimizer update, skipped (fp16 overflow) or not, and `global_step` advances the
+    same way in every group, so all ranks agree on when to exchange.
+    """
+
+    def __init__(self, trainer: CodistillTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._start_codistillation()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.trainer.args.codistill_sync_every == 0:
+            self.trainer.peer_copies.exchange(self.trainer.model, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._save_codistill_checkpoint()
+
+
+class CodistillTrainer(Trainer):
+    """Trains one of G codistilled models per process group; takes the same arguments as [`Trainer`].
+
+    With `args.codistill=False` it is exactly `Trainer`. With `args.codistill=True`, launched on W processes
+    (`torchrun` or `accelerate launch`), the processes form G groups of W/G ranks (see `hf_codistill.topology`).
+    Each group trains its own model with DDP inside the group and adds to its loss
+    `alpha_t * mean_j D(f_i(x), f_j(x))` over stale local copies f_j of the other groups' models, refreshed every
+    `codistill_sync_every` steps. Group g trains with seed `seed + g` and writes to `output_dir/group_<g>`; group
+    0's final model is also written to `output_dir` itself.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: CodistillTrainingArguments | None = None, *a, **kw):
+        self.codistilling = bool(getattr(args, "codistill", False))
+        self.topology: GroupTopology | None = None
+        self.peer_copies: PeerCopies | None = None
+        if self.codistilling:
+            self.topology = get_topology()
+            if self.topology is None:
+                raise ValueError(
+                    f"`codistill=True` with num_groups={args.num_groups} needs at least {args.num_groups} processes, "
+                    "one group of ranks per model: launch with e.g. `torchrun --nproc_per_node "
+                    f"{2 * args.num_groups} your_script.py` or `accelerate launch --multi_gpu --num_processes "
+                    f"{2 * args.num_groups} your_script.py`."
+                )
+            self.codistill_root = args.output_dir
+            self._save_total_limit = args.save_total_limit
+            args = self._group_view_of(args)
+        super().__init__(model, args, *a, **kw)
+        if not self.codistilling:
+            return
+        self.add_callback(_CodistillCallback(self))
+        if not self.topology.is_world_zero:
+            # World rank 0 shows the progress bar and reports every group's metrics; other groups stay quiet.
+            self.remove_callback(ProgressCallback)
+            self.remove_callback(PrinterCallback)
+        self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._metrics_since_step = 0
+        self._init_params: dict[str, torch.Tensor] | None = None
+        self._resume_checkpoint: str | None = None
+
+    # ---- Topology -------------------------------------------------------------------------------------------
+
+    @property
+    def num_groups(self) -> int:
+        return self.topology.num_groups if self.codistilling else 1
+
+    @property
+    def group_index(self) -> int:
+        return self.topology.group_index if self.codistilling else 0
+
+    @property
+    def group_rank(self) -> int:
+        return self.topology.group_rank if self.codistilling else self.args.process_index
+
+    @property
+    def group_size(self) -> int:
+        return self.topology.group_size if self.codistilling else self.args.world_size
+
+    def _group_view_of(self, args: CodistillTrainingArguments) -> CodistillTrainingArguments:
+        """The arguments as this group's `Trainer` sees them: its own seed, output folder and Hub repository."""
+        view = copy.copy(args)
+        group = self.topology.group_index
+        view.seed = args.seed + group
+        if args.data_seed is not None:
+            view.data_seed = args.data_seed + group
+        view.output_dir = group_dir(args.output_dir, group)
+        # Rotation waits until every group has written the newer checkpoint (see `_save_codistill_checkpoint`).
+        view.save_total_limit = None
+        if args.push_to_hub:
+            base = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            view.hub_model_id = f"{base}-group-{group}"
+        if not self.topology.is_world_zero:
+            view.report_to = []
+        return view
+
+    # ---- Training -------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *a, **kw):
+        if self.codistilling and resume_from_checkpoint not in (None, False):
+            resume_from_checkpoint = resolve_resume_checkpoint(
+                resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups
+            )
+        if self.codistilling:
+            self._resume_checkpoint = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *a, **kw)
+
+    def _start_codistillation(self) -> None:
+        """Build the peer copies: from the checkpoint when resuming, else by a first exchange."""
+        model = self.model
+        self.peer_copies = PeerCopies(model, self.topology)
+        self.peer_copies.check_same_architecture(model)
+        step = self.state.global_step
+        self._metrics_since_step = step
+        if self._resume_checkpoint is not None:
+            _reload_renamed_weights(model, self._resume_checkpoint)
+            self.peer_copies.load_state_dict(load_file(os.path.join(self._resume_checkpoint, PEERS_NAME)))
+            state = json.loads(open(os.path.join(self._resume_checkpoint, STATE_NAME)).read())
+            self.peer_copies.last_exchange_step = state["last_exchange_step"]
+            self.peer_copies.bytes_sent = state["exchange_bytes_sent"]
+            self.peer_copies.bytes_received = state["exchange_bytes_received"]
+            self.peer_copies.num_exchanges = state["num_exchanges"]
+            init_path = os.path.join(self._resume_checkpoint, INIT_NAME)
+            if self.args.codistill_log_param_distance and os.path.isfile(init_path):
+                self._init_params = load_file(init_path)
+            return
+        self.peer_copies.exchange(model, step)
+        if self._shares_initialisation(model):
+            reference = model if self.group_index == 0 else self.peer_copies.peers[0]
+            with torch.no_grad():
+                for target in [model, *self.peer_copies.models()]:
+                    if target is not reference:
+                        target.load_state_dict(reference.state_dict())
+        if self.args.codistill_log_param_distance:
+            self._init_params = {
+                name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+            }
+        self._write_run_info()
+
+    def _shares_initialisation(self, model: nn.Module) -> bool:
+        if self.args.codistill_shared_init is not None:
+            return self.args.codistill_shared_init
+        # `from_pretrained` records where the weights came from; configs and `model_init` from a config do not.
+        return bool(getattr(model, "name_or_path", ""))
+
+    def current_alpha(self) -> float:
+        """alpha_t: 0 during the burn-in, then a linear ramp over the warm-up, then `codistill_alpha`."""
+        args, step = self.args, self.state.global_step
+        if step < args.codistill_burn_in_steps:
+            return 0.0
+        if args.codistill_alpha_warmup_steps > 0:
+            ramp = (step - args.codistill_burn_in_steps + 1) / args.codistill_alpha_warmup_steps
+            return args.codistill_alpha * min(1.0, ramp)
+        return args.codistill_alpha
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.codistilling and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.get("labels")
+        peer_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+        # Trainer divides the returned loss by the accumulation steps unless it is already normalised over the whole
+        # accumulated batch; the distillation term is a per-batch mean, so it is put on the same footing here.
+        ga_steps = self.current_gradient_accumulation_steps
+        loss_is_scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
+        report_scale = 1.0 if loss_is_scaled_for_ga else 1.0 / ga_steps
+        self._step_metrics["task_loss"].append(loss.detach() * report_scale)
+
+        alpha = self.current_alpha()
+        if alpha > 0:
+            distill = self._distillation_term(model, outputs, peer_inputs, labels)
+            if loss_is_scaled_for_ga:
+                distill = distill / ga_steps
+            self._step_metrics["distill_loss"].append(distill.detach() * (1.0 if loss_is_scaled_for_ga else report_scale))
+            loss = loss + alpha * distill
+        self._step_metrics["alpha"].append(torch.tensor(alpha))
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # Mirrors Trainer.training_step's decision (public attributes only).
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:
+        """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
+        student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        shift = self._is_causal_lm(model)
+        student = select_labelled_positions(student_logits, labels, shift_labels=shift)
+        terms = []
+        with torch.no_grad(), self.accelerator.autocast():
+            for peer in self.peer_copies.models():
+                peer_outputs = peer(**peer_inputs)
+                peer_logits = peer_outputs["logits"] if isinstance(peer_outputs, dict) else peer_outputs[0]
+                terms.append(select_labelled_positions(peer_logits, labels, shift_labels=shift))
+        losses = [
+            distillation_loss(student, peer, self.args.codistill_loss, self.args.codistill_temperature)
+            for peer in terms
+        ]
+        return torch.stack(losses).mean()
+
+    def _is_causal_lm(self, model) -> bool:
+        unwrapped = self.accelerator.unwrap_model(model)
+        return unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+    # ---- Logging --------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the group's codistillation metrics, then gather every group's logs on world rank 0.
+
+        World rank 0 logs its own (group 0) values under the usual keys and every group's under `group_<g>/`, so
+        they reach its log history, progress bar and `report_to` integrations.
+        """
+        if not self.codistilling:
+            return super().log(logs, start_time)
+        if "loss" in logs:
+            logs.update(self._pop_step_metrics())
+        gathered = self.topology.gather_to_world_zero(logs if self.args.process_index == 0 else None)
+        if gathered is not None:
+            for group, group_logs in enumerate(gathered):
+                logs.update({f"group_{group}/{key}": value for key, value in group_logs.items()})
+        super().log(logs, start_time)
+
+    def _pop_step_metrics(self) -> dict[str, float]:
+        steps = max(1, self.state.global_step - self._metrics_since_step)
+        self._metrics_since_step = self.state.global_step
+        metrics = {}
+        for name, values in self._step_metrics.items():
+            total = torch.stack([v.to(self.args.device, torch.float32) for v in values]).sum()
+            total = self.accelerator.reduce(total, reduction="mean")
+            metrics[name] = (total / steps).item() if name != "alpha" else (total / len(values)).item()
+        self._step_metrics.clear()
+        if self._init_params is not None and self.args.process_index == 0:
+            metrics["param_distance_from_init"] = self.parameter_distance_from_init()
+        peers = self.peer_copies
+        if peers is not None:
+            metrics["peer_exchanges"] = peers.num_exchanges
+            metrics["peer_exchange_bytes_sent"] = peers.bytes_sent
+            metrics["peer_exchange_bytes_received"] = peers.bytes_received
+        return metrics
+
+    @torch.no_grad()
+    def parameter_distance_from_init(self) -> float:
+        """L2 distance between the trainable parameters and their initial values."""
+        squared = 0.0
+        for name, param in self.model.named_parameters():
+            if name in self._init_params:
+                squared += (param.detach().float().cpu() - self._init_params[name]).pow(2).sum().item()
+        return math.sqrt(squared)
+
+    # ---- Saving ---------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save this group's model to `<output_dir>/group_<g>`; group 0 also saves to `<output_dir>` itself.
+
+        Checkpoint saves (internal calls) already target this group's own folder.
+        """
+        if not self.codistilling or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        root = output_dir if output_dir is not None else self.codistill_root
+        super().save_model(group_dir(root, self.group_index), _internal_call)
+        if self.group_index == 0:
+            super().save_model(root, _internal_call=True)
+        if self.topology.is_world_zero:
+            self._write_run_info(root)
+
+    def _write_run_info(self, root: str | None = None) -> None:
+        if not self.topology.is_world_zero:
+            return
+        root = root or self.codistill_root
+        os.makedirs(root, exist_ok=True)
+        args = self.args
+        info = {
+            "num_groups": self.num_groups,
+            "group_size": self.group_size,
+            "groups": [os.path.basename(group_dir(root, g)) for g in range(self.num_groups)],
+            "codistill_alpha": args.codistill_alpha,
+            "codistill_loss": args.codistill_loss,
+            "codistill_temperature": args.codistill_temperature,
+            "codistill_sync_every": args.codistill_sync_every,
+            "codistill_burn_in_steps": args.codistill_burn_in_steps,
+            "codistill_alpha_warmup_steps": args.codistill_alpha_warmup_steps,
+        }
+        with open(os.path.join(root, RUN_INFO_NAME), "w") as f:
+            json.dump(info, f, indent=2)
+
+    def _save_codistill_checkpoint(self) -> None:
+        """Add the peer copies to the checkpoint Trainer just wrote, then mark it complete once all groups have."""
+        step = self.state.global_step
+        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        writer = self.args.should_save
+        if writer:
+            os.makedirs(checkpoint, exist_ok=True)
+            save_file(self.peer_copies.state_dict(), os.path.join(checkpoint, PEERS_NAME))
+            if self._init_params is not None:
+                save_file(self._init_params, os.path.join(checkpoint, INIT_NAME))
+        self.topology.barrier("checkpoint-written")
+        if writer:
+            state = {
+                "num_groups": self.num_groups,
+                "group_index": self.group_index,
+                "group_size": self.group_size,
+                "global_step": step,
+                "last_exchange_step": self.peer_copies.last_exchange_step,
+                "num_exchanges": self.peer_copies.num_exchanges,
+                "exchange_bytes_sent": self.peer_copies.bytes_sent,
+                "exchange_bytes_received": self.peer_copies.bytes_received,
+            }
+            tmp = os.path.join(checkpoint, STATE_NAME + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(tmp, os.path.join(checkpoint, STATE_NAME))
+        self.topology.barrier("checkpoint-complete")
+        if writer:
+            rotate_group_checkpoints(self.args.output_dir, self._save_total_limit, keep=self.state.best_model_checkpoint)

@@ -1,0 +1,52 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tests" / "scripts"
+
+
+def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, expect_failure=False):
+    """Run `script` on `nproc` CPU processes under a real launcher; return each rank's result file."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(_free_port())]
+    else:
+        command = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port())]
+    command += [str(script), *args, f"--x-results={results_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if expect_failure:
+        assert proc.returncode != 0, "the launch was expected to fail"
+        return proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return [json.loads(path.read_text()) for path in sorted(results_dir.glob("rank*.json"), key=_rank_of)]
+
+
+def _rank_of(path):
+    return int(path.stem[4:])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    return launch

@@ -1,0 +1,91 @@
+"""Train tiny ViTs on scikit-learn's digits under a launcher; every rank writes what the tests compare.
+
+Used by tests/test_distributed.py as `torchrun --nproc_per_node W tests/scripts/train_digits.py --output_dir ...`.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from sklearn.datasets import load_digits
+from transformers import HfArgumentParser, TrainerCallback, Trainer, ViTConfig, ViTForImageClassification, set_seed
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
+
+
+def digits_dataset(num_train):
+    digits = load_digits()
+    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    data = Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": digits.target.tolist()})
+    data = data.with_format("torch")
+    return data.select(range(num_train)), data.select(range(1500, 1797))
+
+
+def tiny_vit():
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=10, hidden_dropout_prob=0.1,
+    )
+    return ViTForImageClassification(config)
+
+
+def checksum(tensors):
+    flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
+    return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum())
+
+
+class Recorder(TrainerCallback):
+    """Per optimizer step: this model's checksum and, under codistillation, each peer copy's."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        record = {"step": state.global_step, "own": checksum(self.trainer.model.parameters())}
+        peers = getattr(self.trainer, "peer_copies", None)
+        if peers is not None:
+            record["peers"] = {str(g): checksum(p.parameters()) for g, p in peers.peers.items()}
+        self.steps.append(record)
+
+
+def main():
+    parser = HfArgumentParser(CodistillTrainingArguments)
+    args, extra = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    # Options of this script are spelled `--x-name=value` so that argparse never takes them for abbreviations.
+    options = dict(arg[4:].split("=", 1) for arg in extra if arg.startswith("--x-") and "=" in arg)
+    train_data, eval_data = digits_dataset(int(options.get("num_train", 256)))
+    if args.codistill:
+        set_seed(args.group_seed)
+        trainer_cls = CodistillTrainer
+    else:
+        set_seed(args.seed)
+        trainer_cls = Trainer
+    model = tiny_vit()
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data)
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    resume = options.get("resume")
+    trainer.train(resume_from_checkpoint={"true": True, None: None}.get(resume, resume))
+    metrics = trainer.evaluate()
+    if options.get("save") == "1":
+        trainer.save_model()
+    rank = int(os.environ.get("CODISTILL_WORLD_RANK", os.environ.get("RANK", 0)))
+    result = {
+        "world_rank": rank,
+        "group_index": getattr(trainer, "group_index", 0),
+        "group_rank": getattr(trainer, "group_rank", trainer.args.process_index),
+        "group_size": getattr(trainer, "group_size", trainer.args.world_size),
+        "final_params": checksum(trainer.model.parameters()),
+        "steps": recorder.steps,
+        "log_history": trainer.state.log_history,
+        "eval": metrics,
+    }
+    with open(os.path.join(options["results"], f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Bad input gets an error that names the argument and the fix, before any process group exists."""
+
+import pytest
+import torch.distributed as dist
+from transformers import Trainer
+
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+
+
+def make_args(tmp_path, **kwargs):
+    return CodistillTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"codistill_loss": "js"}, "`codistill_loss` must be one of kl, ce, mse"),
+        ({"codistill_alpha": -0.5}, "`codistill_alpha` must be >= 0"),
+        ({"codistill_temperature": 0.0}, "`codistill_temperature` must be > 0"),
+        ({"codistill_sync_every": 0}, "`codistill_sync_every` must be >= 1"),
+        ({"codistill_burn_in_steps": -1}, "`codistill_burn_in_steps` must be >= 0"),
+        ({"codistill_alpha_warmup_steps": -3}, "`codistill_alpha_warmup_steps` must be >= 0"),
+        ({"codistill": True, "num_groups": 1}, "`num_groups` must be >= 2"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        make_args(tmp_path, **kwargs)
+    assert not dist.is_initialized()
+
+
+def test_world_size_not_divisible_by_groups(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=r"6 launched processes cannot be split into `num_groups=4`.*multiple of 4"):
+        make_args(tmp_path, codistill=True, num_groups=4)
+    assert not dist.is_initialized()
+
+
+def test_codistill_without_launcher_says_how_to_launch(tmp_path):
+    from tests.scripts.train_digits import tiny_vit
+
+    args = make_args(tmp_path, codistill=True, num_groups=2)
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node 4"):
+        CodistillTrainer(model=tiny_vit(), args=args)
+
+
+def test_codistill_off_is_plain_trainer(tmp_path):
+    from tests.scripts.train_digits import tiny_vit
+
+    trainer = CodistillTrainer(model=tiny_vit(), args=make_args(tmp_path))
+    assert isinstance(trainer, Trainer) and not trainer.codistilling
+    assert (trainer.num_groups, trainer.group_index, trainer.group_rank, trainer.group_size) == (1, 0, 0, 1)
+
+
+def test_flags_reach_the_command_line():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(CodistillTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "x", "--codistill_loss", "mse", "--codistill_sync_every", "7", "--codistill_alpha", "0.5"]
+    )
+    assert (args.codistill_loss, args.codistill_sync_every, args.codistill_alpha) == ("mse", 7, 0.5)
+    assert "Optimizer steps between two exchanges" in parser.format_help()

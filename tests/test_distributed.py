@@ -1,0 +1,168 @@
+"""Codistillation across real processes: 4 CPU workers on gloo, tiny ViTs on scikit-learn's digits."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from hf_codistill import get_last_checkpoint
+from hf_codistill.checkpointing import STATE_NAME, resolve_resume_checkpoint
+from hf_codistill.exchange import exchanged_tensors
+from tests.conftest import SCRIPTS
+from tests.scripts.train_digits import checksum, tiny_vit
+
+SCRIPT = SCRIPTS / "train_digits.py"
+COMMON = ["--per_device_train_batch_size", "16", "--max_steps", "8", "--logging_steps", "2", "--report_to", "none",
+          "--learning_rate", "1e-3", "--seed", "42"]
+CODISTILL = ["--codistill", "--num_groups", "2", "--codistill_sync_every", "3"]
+
+
+def by_step(log_history, key):
+    return {entry["step"]: entry[key] for entry in log_history if key in entry}
+
+
+@pytest.fixture(scope="module")
+def codistill_run(tmp_path_factory, launcher):
+    """One 4-process, 2-group run with checkpoints every 4 steps; several tests read it."""
+    root = tmp_path_factory.mktemp("codistill")
+    out = root / "out"
+    ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--output_dir", str(out), "--save_steps", "4", "--x-save=1"],
+                     root / "results")
+    return out, ranks
+
+
+def test_groups_are_contiguous_rank_blocks(codistill_run):
+    _, ranks = codistill_run
+    assert [(r["group_index"], r["group_rank"], r["group_size"]) for r in ranks] == [(0, 0, 2), (0, 1, 2),
+                                                                                    (1, 0, 2), (1, 1, 2)]
+
+
+def test_ranks_agree_inside_a_group_and_groups_differ(codistill_run):
+    _, ranks = codistill_run
+    assert ranks[0]["final_params"] == ranks[1]["final_params"]
+    assert ranks[2]["final_params"] == ranks[3]["final_params"]
+    assert ranks[0]["final_params"] != ranks[2]["final_params"]
+    # Built from a config, the two groups started from different random weights.
+    assert ranks[0]["steps"][0]["own"] != ranks[2]["steps"][0]["own"]
+
+
+def test_peer_copies_change_only_every_k_steps_and_equal_the_peer_then(codistill_run):
+    _, ranks = codistill_run
+    own = {r["group_index"]: {s["step"]: s["own"] for s in r["steps"]} for r in ranks}
+    for rank in ranks:
+        peer_group = 1 - rank["group_index"]
+        history = {s["step"]: s["peers"][str(peer_group)] for s in rank["steps"]}
+        changed = [step for step in range(2, 9) if history[step] != history[step - 1]]
+        assert changed == [3, 6]
+        for step in (3, 6):
+            assert history[step] == own[peer_group][step]
+
+
+def test_logged_bytes_are_one_model_per_peer_per_exchange(codistill_run):
+    _, ranks = codistill_run
+    model_bytes = sum(t.numel() * t.element_size() for t in exchanged_tensors(tiny_vit()).values())
+    logs = ranks[0]["log_history"]
+    for group in (0, 1):
+        exchanges = by_step(logs, f"group_{group}/peer_exchanges")
+        sent = by_step(logs, f"group_{group}/peer_exchange_bytes_sent")
+        # One exchange at the start (step 0), then at steps 3 and 6.
+        assert exchanges == {2: 1, 4: 2, 6: 3, 8: 3}
+        assert all(sent[step] == exchanges[step] * 1 * model_bytes for step in sent)
+
+
+def test_every_group_reaches_world_rank_zero_logs(codistill_run):
+    _, ranks = codistill_run
+    logs = ranks[0]["log_history"]
+    for group in (0, 1):
+        task = by_step(logs, f"group_{group}/task_loss")
+        distill = by_step(logs, f"group_{group}/distill_loss")
+        total = by_step(logs, f"group_{group}/loss")
+        assert sorted(task) == [2, 4, 6, 8] and all(distill[s] > 0 for s in distill)
+        # alpha = 1: the logged loss is the task loss plus the distillation term.
+        assert all(total[s] == pytest.approx(task[s] + distill[s], rel=1e-5) for s in task)
+        assert all(by_step(logs, f"group_{group}/param_distance_from_init")[s] > 0 for s in task)
+        assert f"group_{group}/eval_loss" in logs[-1]
+    # Each group's own evaluation: the group's ranks agree, the groups differ.
+    assert ranks[0]["eval"]["eval_loss"] == ranks[1]["eval"]["eval_loss"] != ranks[2]["eval"]["eval_loss"]
+    assert logs[-1]["group_1/eval_loss"] == ranks[2]["eval"]["eval_loss"]
+
+
+def test_saved_models_load_with_from_pretrained(codistill_run):
+    out, ranks = codistill_run
+    group_1 = ViTForImageClassification.from_pretrained(out, subfolder="group_1")
+    assert checksum(group_1.parameters()) == ranks[2]["final_params"]
+    root = ViTForImageClassification.from_pretrained(out)
+    assert checksum(root.parameters()) == ranks[0]["final_params"]
+    info = json.loads((out / "codistill.json").read_text())
+    assert info["num_groups"] == 2 and info["groups"] == ["group_0", "group_1"]
+
+
+def test_checkpoints_hold_every_group_and_the_peers(codistill_run):
+    out, _ = codistill_run
+    assert get_last_checkpoint(str(out), num_groups=2) == 8
+    state = json.loads((out / "group_1" / "checkpoint-4" / STATE_NAME).read_text())
+    assert state["last_exchange_step"] == 3 and state["num_groups"] == 2
+
+
+def test_half_written_checkpoint_is_not_resumed(codistill_run, tmp_path):
+    out, _ = codistill_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (copy / "group_1" / "checkpoint-8" / STATE_NAME).unlink()
+    assert get_last_checkpoint(str(copy), num_groups=2) == 4
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        resolve_resume_checkpoint(str(copy / "group_0" / "checkpoint-8"), str(copy), 1, 2)
+
+
+def test_checkpoint_from_another_number_of_groups_is_refused(codistill_run):
+    out, _ = codistill_run
+    with pytest.raises(ValueError, match=r"written with num_groups=2, but num_groups=3.*--num_groups 2"):
+        get_last_checkpoint(str(out), num_groups=3)
+    with pytest.raises(ValueError, match=r"num_groups=2, but num_groups=4"):
+        resolve_resume_checkpoint(True, str(out), 0, 4)
+
+
+def test_resume_continues_the_uninterrupted_trajectory(codistill_run, tmp_path, launcher):
+    out, ranks = codistill_run
+    resumed_out = tmp_path / "out"
+    shutil.copytree(out, resumed_out)
+    for group in (0, 1):
+        shutil.rmtree(resumed_out / f"group_{group}" / "checkpoint-8")
+    resumed = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--output_dir", str(resumed_out), "--save_steps", "4",
+                                   "--x-resume=true"], tmp_path / "results")
+    for before, after in zip(ranks, resumed):
+        assert after["final_params"] == before["final_params"]
+        assert [s["peers"] for s in after["steps"]] == [s["peers"] for s in before["steps"][4:]]
+    for group in (0, 1):
+        key = f"group_{group}/loss"
+        assert by_step(resumed[0]["log_history"], key)[8] == by_step(ranks[0]["log_history"], key)[8]
+
+
+def test_alpha_zero_matches_plain_trainer_ddp(tmp_path, launcher):
+    """With alpha = 0 each group is exactly a plain Trainer DDP run on its n ranks with seed + group index."""
+    codistilled = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--codistill_alpha", "0", "--output_dir",
+                                       str(tmp_path / "codistill"), "--save_strategy", "no"], tmp_path / "r_codistill")
+    plain = launcher(SCRIPT, 2, [*COMMON[:-1], "43", "--use_cpu", "--output_dir", str(tmp_path / "plain"),
+                                 "--save_strategy", "no"], tmp_path / "r_plain")
+    group_1 = codistilled[2]
+    assert [s["own"] for s in group_1["steps"]] == [s["own"] for s in plain[0]["steps"]]
+    assert by_step(codistilled[0]["log_history"], "group_1/loss") == by_step(plain[0]["log_history"], "loss")
+
+
+@pytest.mark.parametrize("num_groups,launcher_name", [(3, "torchrun"), (4, "accelerate")])
+def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name):
+    short = [*COMMON[:3], "4", *COMMON[4:]]
+    ranks = launcher(SCRIPT, num_groups, [*short, "--codistill", "--num_groups",
+                                          str(num_groups), "--codistill_sync_every", "2", "--output_dir",
+                                          str(tmp_path / "out"), "--save_strategy", "no"],
+                     tmp_path / "results", launcher=launcher_name)
+    assert [r["group_index"] for r in ranks] == list(range(num_groups))
+    assert len({r["final_params"] for r in ranks}) == num_groups
+    model_bytes = sum(t.numel() * t.element_size() for t in exchanged_tensors(tiny_vit()).values())
+    for group in range(num_groups):
+        assert len(ranks[group]["steps"][-1]["peers"]) == num_groups - 1
+        # Exchanges at steps 0, 2 and 4, each bringing the other num_groups - 1 models.
+        sent = by_step(ranks[0]["log_history"], f"group_{group}/peer_exchange_bytes_sent")
+        assert sent[4] == 3 * (num_groups - 1) * model_bytes

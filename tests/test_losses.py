@@ -1,0 +1,107 @@
+"""The distillation term against hand computations, with ignored positions."""
+
+import math
+
+import pytest
+import torch
+
+from hf_codistill.losses import distillation_loss, select_labelled_positions
+
+
+def _hand_kl(student, peer, temperature):
+    total = 0.0
+    for s_row, p_row in zip(student.tolist(), peer.tolist()):
+        s = [x / temperature for x in s_row]
+        p = [x / temperature for x in p_row]
+        log_zs = math.log(sum(math.exp(x) for x in s))
+        log_zp = math.log(sum(math.exp(x) for x in p))
+        for sc, pc in zip(s, p):
+            q = math.exp(pc - log_zp)
+            total += q * ((pc - log_zp) - (sc - log_zs))
+    return total * temperature**2 / len(student)
+
+
+def _hand_ce(student, peer, temperature):
+    total = 0.0
+    for s_row, p_row in zip(student.tolist(), peer.tolist()):
+        s = [x / temperature for x in s_row]
+        p = [x / temperature for x in p_row]
+        log_zs = math.log(sum(math.exp(x) for x in s))
+        log_zp = math.log(sum(math.exp(x) for x in p))
+        total += -sum(math.exp(pc - log_zp) * (sc - log_zs) for sc, pc in zip(s, p))
+    return total * temperature**2 / len(student)
+
+
+@pytest.fixture
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64)
+    peer = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([[-100, 3, -100, 1], [0, -100, -100, 4]])
+    return student, peer, labels
+
+
+def test_only_labelled_positions_take_part(batch):
+    student, _, labels = batch
+    selected = select_labelled_positions(student, labels)
+    assert selected.shape == (4, 5)
+    expected = torch.stack([student[0, 1], student[0, 3], student[1, 0], student[1, 3]])
+    torch.testing.assert_close(selected, expected)
+
+
+def test_causal_lm_positions_are_shifted(batch):
+    student, _, labels = batch
+    selected = select_labelled_positions(student, labels, shift_labels=True)
+    # Position t predicts label t+1: labels[0, 1] and labels[0, 3] -> positions 0 and 2; labels[1, 3] -> position 2.
+    torch.testing.assert_close(selected, torch.stack([student[0, 0], student[0, 2], student[1, 2]]))
+
+
+def test_one_label_per_example_keeps_every_example():
+    logits = torch.randn(6, 10)
+    assert select_labelled_positions(logits, torch.arange(6)).shape == (6, 10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("loss_type,reference", [("kl", _hand_kl), ("ce", _hand_ce)])
+def test_value_matches_hand_computation(batch, loss_type, reference, temperature):
+    student, peer, labels = batch
+    s, p = select_labelled_positions(student, labels), select_labelled_positions(peer, labels)
+    value = distillation_loss(s, p, loss_type, temperature)
+    assert value.item() == pytest.approx(reference(s, p, temperature), rel=1e-6)
+
+
+def test_mse_matches_hand_computation(batch):
+    student, peer, labels = batch
+    s, p = select_labelled_positions(student, labels), select_labelled_positions(peer, labels)
+    expected = sum((a - b) ** 2 for a, b in zip(s.flatten().tolist(), p.flatten().tolist())) / s.numel()
+    assert distillation_loss(s, p, "mse").item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "ce"])
+def test_gradient_is_softened_difference(batch, loss_type):
+    # d/ds of T² · KL(q ‖ softmax(s/T)) / N is T · (softmax(s/T) − q) / N; the same for soft cross-entropy.
+    student, peer, labels = batch
+    temperature = 2.0
+    s = select_labelled_positions(student, labels).clone().requires_grad_(True)
+    p = select_labelled_positions(peer, labels)
+    distillation_loss(s, p, loss_type, temperature).backward()
+    expected = temperature * (torch.softmax(s.detach() / temperature, -1) - torch.softmax(p / temperature, -1)) / len(s)
+    torch.testing.assert_close(s.grad, expected.to(s.grad.dtype))
+
+
+def test_peer_gets_no_gradient(batch):
+    student, peer, labels = batch
+    s = student.clone().requires_grad_(True)
+    p = peer.clone().requires_grad_(True)
+    distillation_loss(s.reshape(-1, 5), p.reshape(-1, 5), "kl").backward()
+    assert s.grad is not None and p.grad is None
+
+
+def test_kl_is_zero_for_identical_predictions(batch):
+    student, _, _ = batch
+    assert distillation_loss(student.reshape(-1, 5), student.reshape(-1, 5), "kl").item() == pytest.approx(0, abs=1e-12)
+
+
+def test_mismatched_output_spaces_name_both_shapes():
+    with pytest.raises(ValueError, match="10 classes, its peer's 12"):
+        distillation_loss(torch.randn(3, 10), torch.randn(3, 12))
