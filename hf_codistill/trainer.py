@@ -208,18 +208,16 @@ class CodistillTrainer(Trainer):
 
         # Trainer divides the returned loss by the accumulation steps unless it is already normalised over the whole
         # accumulated batch; the distillation term is a per-batch mean, so it is put on the same footing here.
+        # Metrics are recorded per optimizer step, i.e. divided by the accumulation steps like Trainer's `loss`.
         ga_steps = self.current_gradient_accumulation_steps
         loss_is_scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
-        report_scale = 1.0 if loss_is_scaled_for_ga else 1.0 / ga_steps
-        self._step_metrics["task_loss"].append(loss.detach() * report_scale)
+        self._step_metrics["task_loss"].append(loss.detach() / (1 if loss_is_scaled_for_ga else ga_steps))
 
         alpha = self.current_alpha()
         if alpha > 0:
             distill = self._distillation_term(model, outputs, peer_inputs, labels)
-            if loss_is_scaled_for_ga:
-                distill = distill / ga_steps
-            self._step_metrics["distill_loss"].append(distill.detach() * (1.0 if loss_is_scaled_for_ga else report_scale))
-            loss = loss + alpha * distill
+            self._step_metrics["distill_loss"].append(distill.detach() / ga_steps)
+            loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
         self._step_metrics["alpha"].append(torch.tensor(alpha))
         return (loss, outputs) if return_outputs else loss
 
@@ -261,9 +259,11 @@ class CodistillTrainer(Trainer):
         if not self.codistilling:
             return super().log(logs, start_time)
         if "loss" in logs:
-            logs.update(self._pop_step_metrics())
+            logs = {**logs, **self._pop_step_metrics()}
         gathered = self.topology.gather_to_world_zero(logs if self.args.process_index == 0 else None)
         if gathered is not None:
+            # A new dict: `evaluate()` returns the one it passes here, and that must stay this group's metrics.
+            logs = {**logs}
             for group, group_logs in enumerate(gathered):
                 logs.update({f"group_{group}/{key}": value for key, value in group_logs.items()})
         super().log(logs, start_time)

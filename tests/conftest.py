@@ -12,9 +12,10 @@ SCRIPTS = REPO / "tests" / "scripts"
 
 
 def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, expect_failure=False):
-    """Run `script` on `nproc` CPU processes under a real launcher; return each rank's result file."""
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    """Run `script` on `nproc` CPU processes under a real launcher; return each rank's result file.
+
+    With `results_dir=None` (scripts that write no per-rank results, like the recipes) return the output.
+    """
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                    "--master_port", str(_free_port())]
@@ -22,7 +23,11 @@ def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, e
         command = [shutil.which("accelerate") or "accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc),
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(_free_port())]
-    command += [str(script), *args, f"--x-results={results_dir}"]
+    command += [str(script), *args]
+    if results_dir is not None:
+        results_dir = Path(results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        command.append(f"--x-results={results_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
@@ -32,6 +37,8 @@ def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, e
         assert proc.returncode != 0, "the launch was expected to fail"
         return proc.stdout + proc.stderr
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    if results_dir is None:
+        return proc.stdout + proc.stderr
     return [json.loads(path.read_text()) for path in sorted(results_dir.glob("rank*.json"), key=_rank_of)]
 
 

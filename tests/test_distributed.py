@@ -151,9 +151,9 @@ def test_alpha_zero_matches_plain_trainer_ddp(tmp_path, launcher):
     assert by_step(codistilled[0]["log_history"], "group_1/loss") == by_step(plain[0]["log_history"], "loss")
 
 
-@pytest.mark.parametrize("num_groups,launcher_name", [(3, "torchrun"), (4, "accelerate")])
-def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name):
-    short = [*COMMON[:3], "4", *COMMON[4:]]
+@pytest.mark.parametrize("num_groups,launcher_name,accumulation", [(3, "torchrun", 2), (4, "accelerate", 1)])
+def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name, accumulation):
+    short = [*COMMON[:3], "4", *COMMON[4:], "--gradient_accumulation_steps", str(accumulation)]
     ranks = launcher(SCRIPT, num_groups, [*short, "--codistill", "--num_groups",
                                           str(num_groups), "--codistill_sync_every", "2", "--output_dir",
                                           str(tmp_path / "out"), "--save_strategy", "no"],
@@ -166,3 +166,8 @@ def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name):
         # Exchanges at steps 0, 2 and 4, each bringing the other num_groups - 1 models.
         sent = by_step(ranks[0]["log_history"], f"group_{group}/peer_exchange_bytes_sent")
         assert sent[4] == 3 * (num_groups - 1) * model_bytes
+        # With or without gradient accumulation the logged loss splits into task + alpha * distillation.
+        logs = ranks[0]["log_history"]
+        task, distill = by_step(logs, f"group_{group}/task_loss"), by_step(logs, f"group_{group}/distill_loss")
+        total = by_step(logs, f"group_{group}/loss")
+        assert all(total[s] == pytest.approx(task[s] + distill[s], rel=1e-5) for s in total)

@@ -1,0 +1,39 @@
+"""Accuracy as an `evaluate` module shipped with hf_codistill, so it loads offline by path."""
+
+import datasets
+import evaluate
+import numpy as np
+
+_DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference label."
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list[int]`): predicted labels.
+    references (`list[int]`): ground-truth labels.
+    normalize (`bool`, defaults to `True`): return a fraction; `False` returns the number of correct predictions.
+    sample_weight (`list[float]`, *optional*): per-example weights.
+Returns:
+    accuracy (`float`)
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references, normalize=True, sample_weight=None):
+        correct = (np.asarray(predictions) == np.asarray(references)).astype(np.float64)
+        if sample_weight is not None:
+            correct = correct * np.asarray(sample_weight, dtype=np.float64)
+            total = float(np.sum(sample_weight))
+        else:
+            total = float(len(correct))
+        value = float(correct.sum())
+        return {"accuracy": value / total if normalize else value}
