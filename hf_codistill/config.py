@@ -103,7 +103,7 @@ class CodistillTrainingArguments(TrainingArguments):
                 # Without it accelerate treats a CPU-only launch as W unrelated processes and no group gets DDP.
                 self.use_cpu = True
             if get_topology() is None:
-                init_groups(self.num_groups, backend="gloo" if self.use_cpu else None)
+                init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend)
         super().__post_init__()
 
     def _check_codistill_arguments(self) -> None:

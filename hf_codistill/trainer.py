@@ -222,9 +222,10 @@ class CodistillTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        # Mirrors Trainer.training_step's decision (public attributes only).
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        # Mirrors Trainer.training_step's decision; `loss_is_scaled_for_ga` exists from transformers 5.2x on.
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            return declared
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:

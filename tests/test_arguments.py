@@ -62,3 +62,15 @@ def test_flags_reach_the_command_line():
     )
     assert (args.codistill_loss, args.codistill_sync_every, args.codistill_alpha) == ("mse", 7, 0.5)
     assert "Optimizer steps between two exchanges" in parser.format_help()
+
+
+def test_alpha_schedule_burn_in_then_linear_warmup(tmp_path):
+    from tests.scripts.train_digits import tiny_vit
+
+    args = make_args(tmp_path, codistill_alpha=0.8, codistill_burn_in_steps=3, codistill_alpha_warmup_steps=4)
+    trainer = CodistillTrainer(model=tiny_vit(), args=args)
+    alphas = []
+    for step in range(9):
+        trainer.state.global_step = step
+        alphas.append(trainer.current_alpha())
+    assert alphas == pytest.approx([0, 0, 0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8])

@@ -8,7 +8,6 @@ import os
 import sys
 
 import torch
-from datasets import Dataset
 from sklearn.datasets import load_digits
 from transformers import HfArgumentParser, TrainerCallback, Trainer, ViTConfig, ViTForImageClassification, set_seed
 
@@ -16,12 +15,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
 
 
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's digits as `pixel_values`/`labels` dicts (a torch Dataset, so only torch is needed)."""
+
+    def __init__(self, pixels, labels):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
 def digits_dataset(num_train):
     digits = load_digits()
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    data = Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": digits.target.tolist()})
-    data = data.with_format("torch")
-    return data.select(range(num_train)), data.select(range(1500, 1797))
+    labels = torch.tensor(digits.target)
+    return DigitsDataset(pixels[:num_train], labels[:num_train]), DigitsDataset(pixels[1500:], labels[1500:])
 
 
 def tiny_vit():
