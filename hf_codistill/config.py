@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -150,7 +149,3 @@ class CodistillTrainingArguments(TrainingArguments):
     def group_seed(self) -> int:
         """The seed of this process's group: recipes seed model creation with it so groups start apart."""
         return self.seed + self.group_index
-
-    @property
-    def codistill_root_dir(self) -> str:
-        return os.path.abspath(self.output_dir) if self.output_dir else self.output_dir

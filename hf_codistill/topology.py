@@ -61,9 +61,6 @@ class GroupTopology:
     def is_world_zero(self) -> bool:
         return self.world_rank == 0
 
-    def group_of(self, world_rank: int) -> int:
-        return world_rank // self.group_size
-
     # Store-based metadata channel. Every call site is reached by all ranks in the same order, so a per-process
     # counter names each round consistently across processes without any extra collective.
     _round: int = 0

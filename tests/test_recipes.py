@@ -18,7 +18,7 @@ SHORT = ["--do_train", "--do_eval", "--max_steps", "6", "--per_device_train_batc
 def test_image_classification_codistilled_under_accelerate(tmp_path):
     out = tmp_path / "out"
     launch(RECIPE, 4, [*SHORT, "--codistill", "--num_groups", "2", "--codistill_sync_every", "2",
-                       "--output_dir", str(out), "--save_steps", "3"], None, launcher="accelerate")
+                       "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "1"], None, launcher="accelerate")
     for group in (0, 1):
         folder = out / f"group_{group}"
         model = AutoModelForImageClassification.from_pretrained(folder)
@@ -27,6 +27,8 @@ def test_image_classification_codistilled_under_accelerate(tmp_path):
         assert 0 <= results["eval_accuracy"] <= 1 and "group_1/eval_loss" not in results
         assert "codistillation" in (folder / "README.md").read_text()
         assert (folder / "checkpoint-6" / "codistill_state.json").is_file()
+        # save_total_limit=1: step 3 is dropped once every group has completed step 6.
+        assert not (folder / "checkpoint-3").exists()
     assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 10
     history = json.loads((out / "group_0" / "trainer_state.json").read_text())["log_history"]
     assert any("group_1/distill_loss" in entry for entry in history)
