@@ -59,11 +59,8 @@ def get_last_checkpoint(root: str, num_groups: int | None = None) -> int | None:
         return None
     latest = max(group_zero)
     written_with = read_state(group_zero[latest])["num_groups"]
-    if num_groups is not None and written_with != num_groups:
-        raise ValueError(
-            f"The checkpoints in {root} were written with num_groups={written_with}, but num_groups={num_groups} now: "
-            f"pass `--num_groups {written_with}` to resume them, or choose a new `output_dir` to start afresh."
-        )
+    if num_groups is not None:
+        _check_num_groups(written_with, num_groups, f"The checkpoints in {root} were")
     common = set(group_zero)
     for group in range(1, written_with):
         common &= set(_complete_steps(group_dir(root, group)))
@@ -91,13 +88,16 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, root: str, gro
             f"{checkpoint} is missing or incomplete (no {STATE_NAME}); resume from a step every group saved, e.g. "
             f"`resume_from_checkpoint=True`."
         )
-    written_with = read_state(checkpoint)["num_groups"]
+    _check_num_groups(read_state(checkpoint)["num_groups"], num_groups, f"{checkpoint} was")
+    return checkpoint
+
+
+def _check_num_groups(written_with: int, num_groups: int, what: str) -> None:
     if written_with != num_groups:
         raise ValueError(
-            f"{checkpoint} was written with num_groups={written_with}, but num_groups={num_groups} now: pass "
-            f"`--num_groups {written_with}` to resume it, or choose a new `output_dir` to start afresh."
+            f"{what} written with num_groups={written_with}, but num_groups={num_groups} now: pass "
+            f"`--num_groups {written_with}` to resume, or choose a new `output_dir` to start afresh."
         )
-    return checkpoint
 
 
 def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep: str | None = None) -> None:

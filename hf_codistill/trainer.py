@@ -22,6 +22,7 @@ from .checkpointing import (
     RUN_INFO_NAME,
     STATE_NAME,
     group_dir,
+    read_state,
     resolve_resume_checkpoint,
     rotate_group_checkpoints,
 )
@@ -161,7 +162,7 @@ class CodistillTrainer(Trainer):
         if self._resume_checkpoint is not None:
             _reload_renamed_weights(model, self._resume_checkpoint)
             self.peer_copies.load_state_dict(load_file(os.path.join(self._resume_checkpoint, PEERS_NAME)))
-            state = json.loads(open(os.path.join(self._resume_checkpoint, STATE_NAME)).read())
+            state = read_state(self._resume_checkpoint)
             self.peer_copies.last_exchange_step = state["last_exchange_step"]
             self.peer_copies.bytes_sent = state["exchange_bytes_sent"]
             self.peer_copies.bytes_received = state["exchange_bytes_received"]
