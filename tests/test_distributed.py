@@ -151,14 +151,18 @@ def test_alpha_zero_matches_plain_trainer_ddp(tmp_path, launcher):
     assert by_step(codistilled[0]["log_history"], "group_1/loss") == by_step(plain[0]["log_history"], "loss")
 
 
-@pytest.mark.parametrize("num_groups,launcher_name,accumulation", [(3, "torchrun", 2), (4, "accelerate", 1)])
-def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name, accumulation):
-    short = [*COMMON[:3], "4", *COMMON[4:], "--gradient_accumulation_steps", str(accumulation)]
+@pytest.mark.parametrize("num_groups,launcher_name,accumulation,shared", [(3, "torchrun", 2, "true"),
+                                                                          (4, "accelerate", 1, "false")])
+def test_one_process_per_group(tmp_path, launcher, num_groups, launcher_name, accumulation, shared):
+    short = [*COMMON[:3], "4", *COMMON[4:], "--gradient_accumulation_steps", str(accumulation),
+             "--codistill_shared_init", shared]
     ranks = launcher(SCRIPT, num_groups, [*short, "--codistill", "--num_groups",
                                           str(num_groups), "--codistill_sync_every", "2", "--output_dir",
                                           str(tmp_path / "out"), "--save_strategy", "no"],
                      tmp_path / "results", launcher=launcher_name)
     assert [r["group_index"] for r in ranks] == list(range(num_groups))
+    # A shared initialisation starts every group from group 0's weights; different data orders then part them.
+    assert len({r["start_params"] for r in ranks}) == (1 if shared == "true" else num_groups)
     assert len({r["final_params"] for r in ranks}) == num_groups
     model_bytes = sum(t.numel() * t.element_size() for t in exchanged_tensors(tiny_vit()).values())
     for group in range(num_groups):

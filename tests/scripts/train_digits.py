@@ -52,7 +52,11 @@ class Recorder(TrainerCallback):
     """Per optimizer step: this model's checksum and, under codistillation, each peer copy's."""
 
     def __init__(self, trainer):
-        self.trainer, self.steps = trainer, []
+        self.trainer, self.steps, self.start = trainer, [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Runs after CodistillTrainer's own callback, i.e. after the first exchange (and a shared initialisation).
+        self.start = checksum(self.trainer.model.parameters())
 
     def on_step_end(self, args, state, control, **kwargs):
         record = {"step": state.global_step, "own": checksum(self.trainer.model.parameters())}
@@ -89,6 +93,7 @@ def main():
         "group_index": getattr(trainer, "group_index", 0),
         "group_rank": getattr(trainer, "group_rank", trainer.args.process_index),
         "group_size": getattr(trainer, "group_size", trainer.args.world_size),
+        "start_params": recorder.start,
         "final_params": checksum(trainer.model.parameters()),
         "steps": recorder.steps,
         "log_history": trainer.state.log_history,
