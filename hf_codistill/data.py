@@ -1,4 +1,4 @@
-"""Real data sets that install offline, shaped like their Hub counterparts (an `image`/`label` or `text` column).
+"""Real data sets that install offline, shaped like their Hub counterparts (`image` and `label` columns).
 
 Nothing here downloads: each loader reads files that a package put on disk, so recipes, tests and benchmarks run on
 machines without Hub access.

@@ -143,8 +143,9 @@ def main():
     set_seed(training_args.group_seed)
     model = build_model(model_args, len(labels), labels, image_size, num_channels)
     num_channels = model.config.num_channels
-    mean_t = torch.tensor(mean[:num_channels] * (num_channels // len(mean[:num_channels]))).view(-1, 1, 1)
-    std_t = torch.tensor(std[:num_channels] * (num_channels // len(std[:num_channels]))).view(-1, 1, 1)
+    # One statistic per input channel (a grayscale model fine-tuned from RGB statistics takes the first).
+    mean_t = torch.tensor((list(mean) * num_channels)[:num_channels]).view(-1, 1, 1)
+    std_t = torch.tensor((list(std) * num_channels)[:num_channels]).view(-1, 1, 1)
 
     def to_tensor(image: Image.Image, train: bool) -> torch.Tensor:
         image = image.convert("L" if num_channels == 1 else "RGB")
