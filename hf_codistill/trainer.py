@@ -26,9 +26,11 @@ from .checkpointing import (
     resolve_resume_checkpoint,
     rotate_group_checkpoints,
 )
+from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
 from .losses import distillation_loss, select_labelled_positions
+from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .topology import GroupTopology, get_topology
 
 
@@ -77,6 +79,14 @@ class CodistillTrainer(Trainer):
     0's final model is also written to `output_dir` itself.
     """
 
+    def __new__(cls, model: nn.Module | list[nn.Module] | None = None, *args, **kwargs):
+        # A list of models means one process trains them all (notebooks, one GPU); see `hf_codistill.one_process`.
+        if cls is CodistillTrainer and isinstance(model, (list, tuple)):
+            from .one_process import OneProcessCodistillTrainer
+
+            cls = OneProcessCodistillTrainer
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module | None = None, args: CodistillTrainingArguments | None = None, *a, **kw):
         self.codistilling = bool(getattr(args, "codistill", False))
         self.topology: GroupTopology | None = None
@@ -90,6 +100,8 @@ class CodistillTrainer(Trainer):
                     f"{2 * args.num_groups} your_script.py` or `accelerate launch --multi_gpu --num_processes "
                     f"{2 * args.num_groups} your_script.py`."
                 )
+            if model is not None:
+                disable_unsupported_loss_kwargs(model)
             self.codistill_root = args.output_dir
             self._save_total_limit = args.save_total_limit
             args = self._group_view_of(args)
@@ -312,6 +324,24 @@ class CodistillTrainer(Trainer):
             super().save_model(root, _internal_call=True)
         if self.topology.is_world_zero:
             self._write_run_info(root)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Trainer's card, tagged `codistillation`, plus a section with G, k, alpha, the peers and the ensemble."""
+        if not self.codistilling:
+            return super().create_model_card(*args, **kwargs)
+        tags = kwargs.get("tags") or []
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        kwargs["tags"] = tags + (["codistillation"] if "codistillation" not in tags else [])
+        super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        own_name = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(self.args.output_dir)
+        section = codistillation_section(
+            self.args, self.group_index, self.num_groups, self.group_size,
+            peers=peer_names(own_name, self.group_index, self.num_groups),
+            dataset=kwargs.get("dataset"), eval_metrics=last_eval_metrics(self.state.log_history),
+        )
+        add_codistillation_section(os.path.join(self.args.output_dir, "README.md"), section)
 
     def _write_run_info(self, root: str | None = None) -> None:
         if not self.topology.is_world_zero:

@@ -1,54 +1,120 @@
-"""The recipes end to end on their built-in offline data, codistilled under a launcher and plain."""
+"""The recipes end to end on their built-in offline data, codistilled under a launcher and plain, and their errors."""
 
 import json
 import subprocess
 import sys
 
 import pytest
-from transformers import AutoModelForImageClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
+from hf_codistill.data import gpt2_bpe_tokenizer, minilm_path
 from tests.conftest import REPO, launch
 
-RECIPE = REPO / "recipes" / "run_image_classification.py"
-SHORT = ["--do_train", "--do_eval", "--max_steps", "6", "--per_device_train_batch_size", "16", "--learning_rate",
-         "1e-3", "--max_train_samples", "256", "--max_eval_samples", "64", "--logging_steps", "3", "--report_to",
-         "none"]
+RECIPES = REPO / "recipes"
+COMMON = ["--do_train", "--do_eval", "--max_steps", "6", "--logging_steps", "3", "--report_to", "none",
+          "--max_eval_samples", "32"]
+ARGS = {
+    "run_image_classification.py": ["--per_device_train_batch_size", "16", "--learning_rate", "1e-3",
+                                    "--max_train_samples", "256"],
+    "run_mlm.py": ["--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_samples", "64"],
+    "run_clm.py": ["--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_samples", "64",
+                   "--config_overrides", "n_embd=32,n_layer=2,n_head=2", "--learning_rate", "1e-3"],
+}
+MODEL_CLASS = {"run_image_classification.py": AutoModelForImageClassification, "run_mlm.py": AutoModelForMaskedLM,
+               "run_clm.py": AutoModelForCausalLM}
+DATA = {"run_image_classification.py": "digits (built in, offline)", "run_mlm.py": "shakespeare (built in, offline)",
+        "run_clm.py": "shakespeare (built in, offline)"}
 
 
-def test_image_classification_codistilled_under_accelerate(tmp_path):
+def _import_recipe(name):
+    sys.path.insert(0, str(RECIPES))
+    return __import__(name)
+
+
+@pytest.mark.parametrize("recipe", sorted(ARGS))
+def test_recipe_codistilled_under_accelerate(recipe, tmp_path):
     out = tmp_path / "out"
-    launch(RECIPE, 4, [*SHORT, "--codistill", "--num_groups", "2", "--codistill_sync_every", "2",
-                       "--output_dir", str(out), "--save_steps", "3", "--save_total_limit", "1"], None, launcher="accelerate")
+    output = launch(RECIPES / recipe, 4, [*COMMON, *ARGS[recipe], "--codistill", "--num_groups", "2",
+                                          "--codistill_sync_every", "2", "--output_dir", str(out), "--save_steps", "3",
+                                          "--save_total_limit", "1"], None, launcher="accelerate")
+    assert f"Training data: {DATA[recipe]}" in output
     for group in (0, 1):
         folder = out / f"group_{group}"
-        model = AutoModelForImageClassification.from_pretrained(folder)
-        assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
+        model = MODEL_CLASS[recipe].from_pretrained(folder)
         results = json.loads((folder / "eval_results.json").read_text())
-        assert 0 <= results["eval_accuracy"] <= 1 and "group_1/eval_loss" not in results
-        assert "codistillation" in (folder / "README.md").read_text()
+        assert "eval_loss" in results and 0 <= results["eval_accuracy"] <= 1
+        assert "group_1/eval_loss" not in results
+        if recipe != "run_image_classification.py":
+            assert results["perplexity"] > 1
+        card = (folder / "README.md").read_text()
+        assert "- codistillation" in card and "| groups (models) G | 2 |" in card
+        assert f"| peers | group_{1 - group} |" in card and f"| data | {DATA[recipe]} |" in card
+        assert f"| eval_loss | {results['eval_loss']:.4g} |" in card
         assert (folder / "checkpoint-6" / "codistill_state.json").is_file()
         # save_total_limit=1: step 3 is dropped once every group has completed step 6.
         assert not (folder / "checkpoint-3").exists()
-    assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 10
+        assert (folder / "train_results.json").is_file() and (folder / "trainer_state.json").is_file()
+    assert type(MODEL_CLASS[recipe].from_pretrained(out)) is type(model)
     history = json.loads((out / "group_0" / "trainer_state.json").read_text())["log_history"]
     assert any("group_1/distill_loss" in entry for entry in history)
 
 
-def test_image_classification_plain_trainer(tmp_path):
+@pytest.mark.parametrize("recipe", sorted(ARGS))
+def test_recipe_plain_trainer(recipe, tmp_path):
     out = tmp_path / "plain"
-    proc = subprocess.run([sys.executable, str(RECIPE), *SHORT, "--use_cpu", "--output_dir", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run([sys.executable, str(RECIPES / recipe), *COMMON, *ARGS[recipe], "--use_cpu",
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "digits (built in, offline)" in proc.stdout + proc.stderr
+    assert f"Training data: {DATA[recipe]}" in proc.stdout + proc.stderr
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] >= 0
+    assert "codistillation" not in (out / "README.md").read_text()
     assert not (out / "group_0").exists()
 
 
-def test_unknown_label_column_is_named(tmp_path, monkeypatch):
-    sys.path.insert(0, str(RECIPE.parent))
-    import run_image_classification
+def _run_main(recipe, monkeypatch, *args):
+    module = _import_recipe(recipe)
+    monkeypatch.setattr(sys, "argv", [f"{recipe}.py", *args])
+    module.main()
 
-    monkeypatch.setattr(sys, "argv", ["run_image_classification.py", *SHORT, "--use_cpu", "--output_dir",
-                                      str(tmp_path), "--label_column_name", "digit"])
+
+def test_unknown_label_column_is_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="Column 'digit' is not in the data set.*--label_column_name"):
-        run_image_classification.main()
+        _run_main("run_image_classification", monkeypatch, *COMMON, "--use_cpu", "--output_dir", str(tmp_path),
+                  "--label_column_name", "digit")
+
+
+def test_unknown_text_column_is_named(tmp_path, monkeypatch):
+    train = tmp_path / "lines.csv"
+    train.write_text("line\nTo be, or not to be\nthat is the question\n")
+    with pytest.raises(ValueError, match="Column 'text' is not in the data set.*--text_column_name"):
+        _run_main("run_clm", monkeypatch, "--do_train", "--use_cpu", "--output_dir", str(tmp_path / "out"),
+                  "--train_file", str(train), "--text_column_name", "text")
+
+
+def test_evaluation_without_validation_split_is_refused(tmp_path, monkeypatch):
+    train = tmp_path / "lines.txt"
+    train.write_text("To be, or not to be\nthat is the question\n")
+    with pytest.raises(ValueError, match="--do_eval.*validation split.*--validation_split_percentage"):
+        _run_main("run_mlm", monkeypatch, "--do_train", "--do_eval", "--use_cpu", "--output_dir",
+                  str(tmp_path / "out"), "--train_file", str(train), "--validation_split_percentage", "0")
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, monkeypatch):
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "model")
+    gpt2_bpe_tokenizer().save_pretrained(tmp_path / "gpt2-tokenizer")
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model embeds only 1000.*--tokenizer_name"):
+        _run_main("run_clm", monkeypatch, "--do_train", "--use_cpu", "--output_dir", str(tmp_path / "out"),
+                  "--model_name_or_path", str(tmp_path / "model"), "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))
+
+
+def test_mlm_needs_a_mask_token(tmp_path, monkeypatch):
+    gpt2_bpe_tokenizer().save_pretrained(tmp_path / "gpt2-tokenizer")
+    with pytest.raises(ValueError, match="no mask token.*run_clm.py"):
+        _run_main("run_mlm", monkeypatch, "--do_train", "--use_cpu", "--output_dir", str(tmp_path / "out"),
+                  "--config_name", str(minilm_path()), "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))

