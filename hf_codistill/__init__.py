@@ -3,6 +3,7 @@
 from .checkpointing import get_last_checkpoint
 from .config import CodistillTrainingArguments
 from .losses import distillation_loss
+from .peer_metrics import ensemble_logits, peer_compute_metrics, top1_agreement
 from .topology import GroupTopology, get_topology, init_groups
 from .trainer import CodistillTrainer
 
@@ -11,8 +12,11 @@ __all__ = [
     "CodistillTrainingArguments",
     "GroupTopology",
     "distillation_loss",
+    "ensemble_logits",
     "get_last_checkpoint",
     "get_topology",
     "init_groups",
+    "peer_compute_metrics",
+    "top1_agreement",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
 
 DISTILLATION_LOSSES = ("kl", "ce", "mse")
@@ -50,9 +51,39 @@ class CodistillTrainingArguments(TrainingArguments):
             Start every group from group 0's weights. Left unset, groups share the initialisation when the model was
             loaded with `from_pretrained` and start from different random weights (seed + group index) when it was
             built from a config or by `model_init`.
-        codistill_log_param_distance (`bool`, *optional*, defaults to `True`):
-            Log each model's L2 distance from its initial parameters (Sodhani et al.'s Fig. 1c diagnostic of
-            over-regularization). Keeps one copy of the initial parameters in CPU memory.
+        codistill_log_param_distance (`bool`, *optional*):
+            Log each model's L2 distance from its initial parameters as `param_distance_from_init` (Sodhani et al.'s
+            Fig. 1c diagnostic of over-regularization). Keeps one copy of the initial parameters in CPU memory and in
+            each checkpoint. Left unset: on with `codistill`, off without; set it to compare an all-reduce run.
+        codistill_shared_batch (`bool`, *optional*, defaults to `False`):
+            With a list of models in one process: every model trains on the same batch each step (as in Deep Mutual
+            Learning) instead of its own shuffling order (seed + model index), which is what groups see when launched.
+        codistill_peer_metrics (`bool`, *optional*, defaults to `True`):
+            At every evaluation, also score the ensemble of all G current models (mean of their probabilities) with
+            `compute_metrics`, its loss, and the models' top-1 agreement (`eval_ensemble_*`, `eval_agreement_*`;
+            Anil et al.'s churn is 1 - agreement). Costs one parameter exchange into temporary copies and G-1 peer
+            forwards per evaluation batch; the stale peers used in training are not touched.
+
+    Parameters that account for codistillation's regularisation (they apply with or without `codistill`, so the
+    all-reduce baseline can use the same schedule):
+        codistill_weight_decay_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`, `"step"` (weight decay / 10 at the first milestone, 0 at the second: Sodhani et al.'s fix,
+            ResNet-50 1e-4 -> 1e-5 -> 0, which closed a ~2% top-1 gap to all-reduce) or `"follow_lr"` (weight decay
+            scaled by lr_t / peak lr after the warm-up, for linear and cosine schedules). Logged as `weight_decay`.
+        codistill_weight_decay_milestones (`str`, *optional*, defaults to `"0.5,0.75"`):
+            The two `"step"` milestones as fractions of the training steps. Sodhani et al. tie them to the LR decays
+            (moved a little later); with a linear or cosine LR, pick where the LR has fallen most.
+
+    Parameters that control the peer exchange:
+        codistill_sharded_exchange (`bool`, *optional*, defaults to `True`):
+            With groups of n > 1 ranks, rank r fetches only shard r (1/n) of each peer model from the other groups
+            and the group all-gathers the shards over its own, usually faster, links: (G-1) x P bytes cross group
+            boundaries per group and exchange instead of n x (G-1) x P. The peers are identical either way; `False`
+            fetches whole models on every rank (no intra-group traffic).
+        codistill_overlap_exchange (`bool`, *optional*, defaults to `False`):
+            Run the cross-group part of each exchange in the background while the next step trains, and apply it at
+            that step's end: the peers then lag one step more (exchanged at step s, used from step s+2). Worth it
+            when links between groups are slow.
     """
 
     codistill: bool = field(
@@ -88,9 +119,38 @@ class CodistillTrainingArguments(TrainingArguments):
             "random initialisations for models built from a config."
         },
     )
-    codistill_log_param_distance: bool = field(
+    codistill_log_param_distance: bool | None = field(
+        default=None,
+        metadata={"help": "Log each model's L2 distance from its initial parameters (default: with --codistill)."},
+    )
+    codistill_shared_batch: bool = field(
+        default=False,
+        metadata={"help": "One-process mode: give every model the same batch each step instead of its own "
+                  "shuffling order."},
+    )
+    codistill_peer_metrics: bool = field(
         default=True,
-        metadata={"help": "Log each model's L2 distance from its initial parameters."},
+        metadata={"help": "At evaluation, also score the ensemble of all groups' current models and their agreement."},
+    )
+    codistill_weight_decay_schedule: str = field(
+        default="constant",
+        metadata={"help": "Weight decay over training: `constant`, `step` (/10 then 0 at the milestones) or "
+                  "`follow_lr` (scaled like the learning rate).", "choices": list(WEIGHT_DECAY_SCHEDULES)},
+    )
+    codistill_weight_decay_milestones: str = field(
+        default="0.5,0.75",
+        metadata={"help": "Fractions of training where the `step` schedule divides weight decay by 10, then sets 0."},
+    )
+    codistill_sharded_exchange: bool = field(
+        default=True,
+        metadata={
+            "help": "Fetch 1/n of each peer model per rank across groups and all-gather the rest inside the group "
+            "(groups of n > 1 ranks)."
+        },
+    )
+    codistill_overlap_exchange: bool = field(
+        default=False,
+        metadata={"help": "Overlap each peer exchange with the next training step; peers lag one step more."},
     )
 
     def __post_init__(self):
@@ -118,6 +178,12 @@ class CodistillTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`codistill_sync_every` must be >= 1 optimizer step, got {self.codistill_sync_every}."
             )
+        if self.codistill_weight_decay_schedule not in WEIGHT_DECAY_SCHEDULES:
+            raise ValueError(
+                f"`codistill_weight_decay_schedule` must be one of {', '.join(WEIGHT_DECAY_SCHEDULES)}, got "
+                f"{self.codistill_weight_decay_schedule!r}."
+            )
+        parse_milestones(self.codistill_weight_decay_milestones)
         for name in ("codistill_burn_in_steps", "codistill_alpha_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
@@ -139,6 +205,12 @@ class CodistillTrainingArguments(TrainingArguments):
     def topology(self) -> GroupTopology | None:
         """The groups this process belongs to, or `None` when not launched on several processes."""
         return get_topology() if self.codistill else None
+
+    @property
+    def logs_param_distance(self) -> bool:
+        if self.codistill_log_param_distance is None:
+            return self.codistill
+        return self.codistill_log_param_distance
 
     @property
     def group_index(self) -> int:

@@ -1,16 +1,29 @@
 """Stale local copies of the peer models and the periodic exchange that refreshes them.
 
-Every rank of group g holds a frozen copy of every other group's model. Every k optimizer steps the ranks of a
-*column* (rank r of each group) all-gather their model's parameters and buffers, so each rank receives the G-1 peer
-models: (G-1) x P bytes in and out per rank and exchange, nothing else crossing group boundaries.
+Every rank of group g holds a frozen copy of every other group's model. Every k optimizer steps the groups exchange
+their models' parameters and buffers (P bytes per model), and only that crosses group boundaries:
+
+- sharded (groups of n > 1 ranks, the default): rank r of a group sends 1/n of its model (shard r) to rank r of
+  every other group over its *column*, then the group all-gathers the shards over its own, fast process group. Each
+  rank moves (G-1) x P/n bytes across group boundaries, a group (G-1) x P, whatever n is;
+- unsharded (n = 1, or `sharded=False`): every rank all-gathers whole models over its column, (G-1) x P bytes per
+  rank, n x (G-1) x P per group.
+
+Both paths copy the same bits: the peer copies are identical either way.
+
+An exchange can also run in the background (`start_exchange` / `finish_exchange`): the cross-group all-gather is
+started at step s on a snapshot of the parameters and applied at the next step boundary, so step s+1 still uses the
+previous peers and the peers lag one step more than with the blocking `exchange`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .topology import GroupTopology
@@ -38,46 +51,125 @@ def _buckets(tensors: OrderedDict[str, torch.Tensor]) -> dict[tuple[torch.dtype,
     return buckets
 
 
-class PeerCopies:
-    """The peer models of one rank, indexed by group, and the exchange that refreshes them."""
+def _all_gather_single(output: torch.Tensor, input: torch.Tensor) -> None:
+    """All-gather over the group's (default) process group into one tensor; the name changed in torch 2.1x."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input)
 
-    def __init__(self, model: nn.Module, topology: GroupTopology):
+
+@dataclass
+class _BucketTransfer:
+    """One dtype/device bucket of an exchange in flight: what was sent and where the column's copies arrive."""
+
+    names: list[str]
+    numel: int
+    sent: torch.Tensor
+    gathered: list[torch.Tensor]
+    work: object
+
+
+@dataclass
+class _PendingExchange:
+    step: int
+    buckets: list[_BucketTransfer]
+
+
+class PeerCopies:
+    """The peer models of one rank, indexed by group, and the exchange that refreshes them.
+
+    `bytes_sent` / `bytes_received` count what crossed group boundaries (this rank's column traffic);
+    `group_bytes_received` counts what the sharded path adds inside the group.
+    """
+
+    def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True):
         self.topology = topology
+        self.sharded = sharded and topology.group_size > 1
         self.peers: dict[int, nn.Module] = {
             group: frozen_copy(model) for group in range(topology.num_groups) if group != topology.group_index
         }
         self.last_exchange_step: int | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.group_bytes_received = 0
         self.num_exchanges = 0
+        self._pending: _PendingExchange | None = None
 
     def models(self) -> list[nn.Module]:
         return [self.peers[group] for group in sorted(self.peers)]
 
     @torch.no_grad()
     def exchange(self, model: nn.Module, step: int) -> None:
-        """All-gather every group's parameters over this rank's column and load them into the peer copies.
+        """Refresh every peer copy with the peers' current parameters (blocking).
 
-        Collective over the column: every rank of the world must call it at the same `step`.
+        Collective over the whole world: every rank must call it at the same `step`.
         """
-        own = exchanged_tensors(model)
-        peer_tensors = {group: exchanged_tensors(peer) for group, peer in self.peers.items()}
-        num_groups = self.topology.num_groups
+        self.start_exchange(model, step)
+        self.finish_exchange()
+
+    @property
+    def exchange_in_flight(self) -> bool:
+        return self._pending is not None
+
+    @torch.no_grad()
+    def start_exchange(self, model: nn.Module, step: int) -> None:
+        """Snapshot this model and start the cross-group all-gather without waiting for it.
+
+        Collective over the whole world, like `exchange`; an exchange still in flight is finished first. Training may
+        go on (and change the parameters) until `finish_exchange`.
+        """
+        self.finish_exchange()
+        topology, own = self.topology, exchanged_tensors(model)
+        buckets = []
         for (dtype, device), names in _buckets(own).items():
             flat = torch.cat([own[name].detach().reshape(-1) for name in names])
-            gathered = [torch.empty_like(flat) for _ in range(num_groups)]
-            self.topology.column.allgather([gathered], [flat]).wait()
-            for group, tensors in peer_tensors.items():
-                offset = 0
-                for name in names:
-                    target = tensors[name]
-                    target.copy_(gathered[group][offset : offset + target.numel()].view_as(target))
-                    offset += target.numel()
-            moved = flat.numel() * flat.element_size() * (num_groups - 1)
+            numel = flat.numel()
+            if self.sharded:
+                n = topology.group_size
+                shard = -(-numel // n)
+                flat = torch.cat([flat, flat.new_zeros(shard * n - numel)])
+                sent = flat[topology.group_rank * shard : (topology.group_rank + 1) * shard]
+            else:
+                sent = flat
+            gathered = [torch.empty_like(sent) for _ in range(topology.num_groups)]
+            work = topology.column.allgather([gathered], [sent])
+            buckets.append(_BucketTransfer(names, numel, sent, gathered, work))
+            moved = sent.numel() * sent.element_size() * (topology.num_groups - 1)
             self.bytes_sent += moved
             self.bytes_received += moved
+        self._pending = _PendingExchange(step, buckets)
+
+    @torch.no_grad()
+    def finish_exchange(self) -> bool:
+        """Wait for the exchange in flight, if any, and load it into the peer copies; True if one was applied.
+
+        Sharded, this all-gathers the shards inside the group: every rank of the group must call it at the same point.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        peer_groups = sorted(self.peers)
+        peer_tensors = {group: exchanged_tensors(peer) for group, peer in self.peers.items()}
+        for bucket in pending.buckets:
+            bucket.work.wait()
+            if self.sharded:
+                # One all-gather over the group for every peer's shards: row r of `assembled` is rank r's shards.
+                shards = torch.cat([bucket.gathered[group] for group in peer_groups])
+                assembled = shards.new_empty(self.topology.group_size * shards.numel())
+                _all_gather_single(assembled, shards)
+                self.group_bytes_received += (assembled.numel() - shards.numel()) * shards.element_size()
+                assembled = assembled.view(self.topology.group_size, len(peer_groups), -1)
+                flats = {group: assembled[:, i].reshape(-1) for i, group in enumerate(peer_groups)}
+            else:
+                flats = {group: bucket.gathered[group] for group in peer_groups}
+            for group, flat in flats.items():
+                offset = 0
+                for name in bucket.names:
+                    target = peer_tensors[group][name]
+                    target.copy_(flat[offset : offset + target.numel()].view_as(target))
+                    offset += target.numel()
         self.num_exchanges += 1
-        self.last_exchange_step = step
+        self.last_exchange_step = pending.step
+        return True
 
     @torch.no_grad()
     def check_same_architecture(self, model: nn.Module) -> None:
@@ -105,6 +197,9 @@ class PeerCopies:
                 tensor.copy_(source[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self._pending is not None:
+            # Finishing here would be a collective on the one rank that saves; the caller finishes on every rank.
+            raise RuntimeError("An exchange is in flight: call `finish_exchange()` on every rank before saving peers.")
         state = {}
         for group, peer in self.peers.items():
             for name, tensor in exchanged_tensors(peer).items():

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 
 from .checkpointing import (
     INIT_NAME,
@@ -31,6 +32,8 @@ from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
 from .losses import distillation_loss, select_labelled_positions
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
+from .peer_evaluation import PeerEvaluation
+from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
 
 
@@ -66,6 +69,27 @@ class _CodistillCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer._save_codistill_checkpoint()
+
+
+class _ParameterDistanceCallback(TrainerCallback):
+    """Without codistillation: keeps the initial parameters (in every checkpoint too) for `param_distance_from_init`."""
+
+    def __init__(self, trainer: CodistillTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        checkpoint = self.trainer._resume_checkpoint
+        init_path = os.path.join(checkpoint, INIT_NAME) if checkpoint else None
+        if init_path is not None and os.path.isfile(init_path):
+            self.trainer._init_params = load_file(init_path)
+        else:
+            self.trainer._init_params = self.trainer._snapshot_parameters()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(checkpoint, exist_ok=True)
+            save_file(self.trainer._init_params, os.path.join(checkpoint, INIT_NAME))
 
 
 class CodistillTrainer(Trainer):
@@ -105,8 +129,16 @@ class CodistillTrainer(Trainer):
             self.codistill_root = args.output_dir
             self._save_total_limit = args.save_total_limit
             args = self._group_view_of(args)
+        self._peer_evaluation: PeerEvaluation | None = None
+        self._eval_peers: PeerCopies | None = None
+        self._eval_peer_logits: list | None = None
         super().__init__(model, args, *a, **kw)
+        self._add_weight_decay_schedule()
+        self._init_params: dict[str, torch.Tensor] | None = None
+        self._resume_checkpoint: str | None = None
         if not self.codistilling:
+            if getattr(self.args, "logs_param_distance", False):
+                self.add_callback(_ParameterDistanceCallback(self))
             return
         self.add_callback(_CodistillCallback(self))
         if not self.topology.is_world_zero:
@@ -115,8 +147,21 @@ class CodistillTrainer(Trainer):
             self.remove_callback(PrinterCallback)
         self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._metrics_since_step = 0
-        self._init_params: dict[str, torch.Tensor] | None = None
-        self._resume_checkpoint: str | None = None
+
+    def _add_weight_decay_schedule(self) -> None:
+        self.weight_decay_schedule: WeightDecaySchedule | None = None
+        if getattr(self.args, "codistill_weight_decay_schedule", "constant") != "constant":
+            self.weight_decay_schedule = WeightDecaySchedule(
+                self.args.codistill_weight_decay_schedule, parse_milestones(self.args.codistill_weight_decay_milestones)
+            )
+            self.add_callback(self.weight_decay_schedule)
+
+    def _with_weight_decay(self, logs: dict[str, float]) -> dict[str, float]:
+        """Training logs plus the weight decay in use, when a schedule changes it."""
+        schedule = getattr(self, "weight_decay_schedule", None)
+        if "loss" in logs and schedule is not None and schedule.current is not None:
+            return {**logs, "weight_decay": schedule.current}
+        return logs
 
     # ---- Topology -------------------------------------------------------------------------------------------
 
@@ -160,8 +205,9 @@ class CodistillTrainer(Trainer):
             resume_from_checkpoint = resolve_resume_checkpoint(
                 resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups
             )
-        if self.codistilling:
-            self._resume_checkpoint = resume_from_checkpoint or None
+        elif resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_trainer_checkpoint(self.args.output_dir)  # Trainer's own resolution
+        self._resume_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *a, **kw)
 
     def _start_codistillation(self) -> None:
@@ -180,7 +226,7 @@ class CodistillTrainer(Trainer):
             self.peer_copies.bytes_received = state["exchange_bytes_received"]
             self.peer_copies.num_exchanges = state["num_exchanges"]
             init_path = os.path.join(self._resume_checkpoint, INIT_NAME)
-            if self.args.codistill_log_param_distance and os.path.isfile(init_path):
+            if self.args.logs_param_distance and os.path.isfile(init_path):
                 self._init_params = load_file(init_path)
             return
         self.peer_copies.exchange(model, step)
@@ -190,11 +236,12 @@ class CodistillTrainer(Trainer):
                 for target in [model, *self.peer_copies.models()]:
                     if target is not reference:
                         target.load_state_dict(reference.state_dict())
-        if self.args.codistill_log_param_distance:
-            self._init_params = {
-                name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
-            }
+        if self.args.logs_param_distance:
+            self._init_params = self._snapshot_parameters()
         self._write_run_info()
+
+    def _snapshot_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
 
     def _shares_initialisation(self, model: nn.Module) -> bool:
         if self.args.codistill_shared_init is not None:
@@ -214,6 +261,8 @@ class CodistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.codistilling and model.training):
+            if self._peer_evaluation is not None:
+                self._record_eval_peer_logits(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.get("labels")
         peer_inputs = {key: value for key, value in inputs.items() if key != "labels"}
@@ -258,6 +307,50 @@ class CodistillTrainer(Trainer):
         ]
         return torch.stack(losses).mean()
 
+    # ---- Evaluation -----------------------------------------------------------------------------------------
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's loop, plus the ensemble and agreement of all G current models (`codistill_peer_metrics`).
+
+        Collective across groups: every group evaluates at the same steps, so they fetch each other's current
+        models into temporary copies here, leaving the stale peers that training uses as they were.
+        """
+        if not (self.codistilling and self.args.codistill_peer_metrics):
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange)
+        self._eval_peers.check_same_architecture(self.model)
+        self._eval_peers.exchange(self.model, self.state.global_step)
+        self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index, self._is_causal_lm(self.model),
+                                               self.preprocess_logits_for_metrics)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            output.metrics.update(self._peer_evaluation.metrics(self.compute_metrics, metric_key_prefix))
+        finally:
+            if self.peer_copies is not None:
+                self.peer_copies.bytes_sent += self._eval_peers.bytes_sent
+                self.peer_copies.bytes_received += self._eval_peers.bytes_received
+            self._eval_peers = self._peer_evaluation = None
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self._peer_evaluation is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The peers need this model's logits even when Trainer only wants the loss.
+        loss, logits, labels = super().prediction_step(model, inputs, False, ignore_keys)
+        peer_logits, self._eval_peer_logits = self._eval_peer_logits, None
+        if peer_logits is not None and logits is not None:
+            self._peer_evaluation.add_batch(logits, peer_logits, labels)
+        return (loss, None, None) if prediction_loss_only else (loss, logits, labels)
+
+    def _record_eval_peer_logits(self, inputs) -> None:
+        """Run the evaluation copies of the peers on the batch `compute_loss` received (inputs already on device)."""
+        peer_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        with torch.no_grad(), self.accelerator.autocast():
+            self._eval_peer_logits = [peer(**peer_inputs) for peer in self._eval_peers.models()]
+
     def _is_causal_lm(self, model) -> bool:
         unwrapped = self.accelerator.unwrap_model(model)
         return unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
@@ -270,7 +363,10 @@ class CodistillTrainer(Trainer):
         World rank 0 logs its own (group 0) values under the usual keys and every group's under `group_<g>/`, so
         they reach its log history, progress bar and `report_to` integrations.
         """
+        logs = self._with_weight_decay(logs)
         if not self.codistilling:
+            if "loss" in logs and self._init_params is not None:
+                logs = {**logs, "param_distance_from_init": self.parameter_distance_from_init()}
             return super().log(logs, start_time)
         if "loss" in logs:
             logs = {**logs, **self._pop_step_metrics()}

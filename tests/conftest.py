@@ -11,10 +11,11 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tests" / "scripts"
 
 
-def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, expect_failure=False):
+def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, expect_failure=False, env=None):
     """Run `script` on `nproc` CPU processes under a real launcher; return each rank's result file.
 
-    With `results_dir=None` (scripts that write no per-rank results, like the recipes) return the output.
+    With `results_dir=None` (scripts that write no per-rank results, like the recipes) return the output. `env`
+    adds to (or, with `None` values, removes from) the environment.
     """
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -28,11 +29,16 @@ def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, e
         results_dir = Path(results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         command.append(f"--x-results={results_dir}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        process_env.pop(key, None)
+    for key, value in (env or {}).items():
+        if value is None:
+            process_env.pop(key, None)
+        else:
+            process_env[key] = value
+    proc = subprocess.run(command, env=process_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if expect_failure:
         assert proc.returncode != 0, "the launch was expected to fail"
         return proc.stdout + proc.stderr

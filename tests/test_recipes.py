@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -60,9 +61,33 @@ def test_recipe_codistilled_under_accelerate(recipe, tmp_path):
         # save_total_limit=1: step 3 is dropped once every group has completed step 6.
         assert not (folder / "checkpoint-3").exists()
         assert (folder / "train_results.json").is_file() and (folder / "trainer_state.json").is_file()
+        assert 0 <= results["eval_agreement_0_1"] == results["eval_agreement_mean"] <= 1
+        assert 0 <= results["eval_ensemble_accuracy"] <= 1 and results["eval_ensemble_loss"] > 0
     assert type(MODEL_CLASS[recipe].from_pretrained(out)) is type(model)
     history = json.loads((out / "group_0" / "trainer_state.json").read_text())["log_history"]
     assert any("group_1/distill_loss" in entry for entry in history)
+    if recipe == "run_image_classification.py":
+        _check_peer_metrics_by_hand(out)
+
+
+def _check_peer_metrics_by_hand(out):
+    """Re-score the two saved ViTs on the same 32 held-out digits in one process: ensemble and agreement match."""
+    from hf_codistill.data import load_digits_dataset
+    from hf_codistill.image_pipeline import ImageTransform
+
+    images = load_digits_dataset()["validation"].select(range(32))
+    transform = ImageTransform([0.5], [0.5], 8, 1)
+    pixels = torch.stack([transform(image, train=False) for image in images["image"]])
+    labels = torch.tensor(images["label"])
+    with torch.no_grad():
+        logits = [AutoModelForImageClassification.from_pretrained(out / f"group_{g}").eval()(pixel_values=pixels).logits
+                  for g in (0, 1)]
+    probabilities = (logits[0].softmax(-1) + logits[1].softmax(-1)) / 2
+    reported = json.loads((out / "group_0" / "eval_results.json").read_text())
+    assert reported["eval_agreement_0_1"] == pytest.approx((logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item())
+    assert reported["eval_ensemble_accuracy"] == pytest.approx((probabilities.argmax(-1) == labels).float().mean().item())
+    assert reported["eval_ensemble_loss"] == pytest.approx(
+        torch.nn.functional.nll_loss(probabilities.log(), labels).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("recipe", sorted(ARGS))

@@ -1,0 +1,85 @@
+"""Scoring all G current models together during a group's evaluation: their ensemble and their agreement.
+
+At an evaluation every group holds fresh copies of the other groups' models (fetched for the evaluation only, so the
+stale peers that training uses are untouched). Each evaluation batch then runs through all G models; this module
+keeps, per example, the ensemble's predictions (after the Trainer's `preprocess_logits_for_metrics`), its loss at the
+labelled positions and every model's top-1 prediction, gathered over the group like Trainer gathers its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import EvalPrediction
+from transformers.trainer_pt_utils import nested_concat, nested_numpify
+
+from .losses import IGNORE_INDEX
+from .peer_metrics import ensemble_logits, top1_agreement
+
+
+def _first(outputs):
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+class PeerEvaluation:
+    """Accumulates one evaluation's ensemble and agreement over batches; `metrics` scores them at the end."""
+
+    def __init__(self, accelerator, group_index: int, causal: bool, preprocess_logits_for_metrics=None):
+        self.accelerator = accelerator
+        self.group_index = group_index
+        self.causal = causal
+        self.preprocess = preprocess_logits_for_metrics
+        self.ensemble_predictions = None
+        self.labels = None
+        self.top1 = None
+        self.loss_sum = None
+        self.loss_count = None
+
+    @torch.no_grad()
+    def add_batch(self, own_logits, peer_logits: list, labels: torch.Tensor | None) -> None:
+        """`own_logits` from this group's model, `peer_logits` in the order of the peer groups (ascending index)."""
+        logits = [_first(peer) for peer in peer_logits]
+        logits.insert(self.group_index, _first(own_logits))
+        ensemble = ensemble_logits(logits)
+        predictions = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
+        aligned = [(l[:, :-1] if self.causal else l) for l in logits]
+        top1 = torch.stack([l.argmax(dim=-1) for l in aligned], dim=1)  # (batch, G[, positions])
+        batch = {"ensemble_predictions": predictions, "top1": top1}
+        if labels is not None:
+            targets = labels[:, 1:] if self.causal else labels
+            valid = targets != IGNORE_INDEX
+            top1.masked_fill_(~valid.unsqueeze(1), IGNORE_INDEX)
+            log_probs = ensemble[:, :-1] if self.causal else ensemble
+            token_loss = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]).float(),
+                                    targets.reshape(-1).clamp(min=0), reduction="none").view(targets.shape)
+            token_loss = token_loss * valid
+            dims = tuple(range(1, token_loss.dim()))
+            batch.update(labels=labels, loss_sum=token_loss.sum(dim=dims) if dims else token_loss,
+                         loss_count=valid.sum(dim=dims) if dims else valid.long())
+        for name, tensor in batch.items():
+            # Sequences differ in length across ranks: pad the position dimension as Trainer does for its logits.
+            position_dim = 2 if name == "top1" else 1
+            if tensor.dim() > position_dim:
+                tensor = self.accelerator.pad_across_processes(tensor, dim=position_dim, pad_index=IGNORE_INDEX)
+            gathered = nested_numpify(self.accelerator.gather_for_metrics(tensor.contiguous()))
+            current = getattr(self, name)
+            setattr(self, name, gathered if current is None else nested_concat(current, gathered,
+                                                                                padding_index=IGNORE_INDEX))
+
+    def metrics(self, compute_metrics, prefix: str) -> dict[str, float]:
+        """`<prefix>_ensemble_<metric>` from `compute_metrics` on the ensemble, its loss, and the pairwise agreement."""
+        if self.top1 is None:
+            return {}
+        metrics = {}
+        if self.loss_sum is not None and self.loss_count.sum() > 0:
+            metrics["ensemble_loss"] = float(self.loss_sum.sum() / self.loss_count.sum())
+        if compute_metrics is not None and self.labels is not None:
+            scored = compute_metrics(EvalPrediction(predictions=self.ensemble_predictions, label_ids=self.labels))
+            metrics.update({f"ensemble_{key}": value for key, value in scored.items()})
+        per_model = [self.top1[:, g] for g in range(self.top1.shape[1])]
+        # Unlabelled positions and padding carry IGNORE_INDEX in every model's row.
+        metrics.update(top1_agreement(per_model, mask=per_model[0] != IGNORE_INDEX))
+        return {f"{prefix}_{key}": value for key, value in metrics.items()}

@@ -1,0 +1,71 @@
+"""Exchange peer copies between real processes, sharded and not, and record what every rank received.
+
+Used by tests/test_exchange_sharded.py as `torchrun --nproc_per_node W tests/scripts/exchange_peers.py
+--num_groups G --x-results=DIR`. No Trainer: the model is a small torch module with several dtypes, so that the
+exchange splits it into buckets, and an odd number of values, so that shards need padding.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from hf_codistill.exchange import PeerCopies, exchanged_tensors  # noqa: E402
+from hf_codistill.topology import init_groups  # noqa: E402
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(7, 5)  # 40 float32 values
+        self.scale = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.register_buffer("counts", torch.randint(0, 1000, (11,)))
+
+
+def checksum(model):
+    values = [t.detach().double().reshape(-1) for t in exchanged_tensors(model).values()]
+    flat = torch.cat(values)
+    return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num_groups", type=int, default=2)
+    parser.add_argument("--x-results", dest="results")
+    args = parser.parse_args()
+    topology = init_groups(args.num_groups)
+    torch.manual_seed(1000 + topology.group_index)
+    model = Mixed()
+    record = {"world_rank": topology.world_rank, "group_index": topology.group_index,
+              "group_size": topology.group_size, "own": checksum(model),
+              "model_bytes": sum(t.numel() * t.element_size() for t in exchanged_tensors(model).values())}
+    for sharded in (True, False):
+        peers = PeerCopies(model, topology, sharded=sharded)
+        peers.exchange(model, step=0)
+        record["sharded" if sharded else "unsharded"] = {
+            "is_sharded": peers.sharded, "peers": {g: checksum(p) for g, p in peers.peers.items()},
+            "bytes_sent": peers.bytes_sent, "bytes_received": peers.bytes_received,
+            "group_bytes_received": peers.group_bytes_received,
+        }
+    # In the background: the snapshot taken at the start is what arrives, whatever training does meanwhile.
+    peers = PeerCopies(model, topology)
+    before = {g: checksum(p) for g, p in peers.peers.items()}
+    peers.start_exchange(model, step=5)
+    snapshot = checksum(model)
+    in_flight = {g: checksum(p) for g, p in peers.peers.items()}
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    applied = peers.finish_exchange()
+    record["overlap"] = {"snapshot": snapshot, "before": before, "in_flight": in_flight, "applied": applied,
+                         "after": {g: checksum(p) for g, p in peers.peers.items()},
+                         "last_exchange_step": peers.last_exchange_step, "again": peers.finish_exchange()}
+    with open(os.path.join(args.results, f"rank{topology.world_rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Several codistilled models in one process: tiny ViTs on scikit-learn's digits, compared with plain `Trainer` runs."""
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
+
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint
+from hf_codistill import one_process
+from hf_codistill.checkpointing import PEERS_NAME, STATE_NAME
+from hf_codistill.one_process import OneProcessCodistillTrainer
+from tests.scripts.train_digits import checksum, digits_dataset
+
+COMMON = dict(per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True,
+              seed=42, save_strategy="no", disable_tqdm=True)
+
+
+def vit(seed, hidden_size=32, num_labels=10, dropout=0.0):
+    set_seed(seed)
+    return ViTForImageClassification(ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden_size, num_labels=num_labels, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    ))
+
+
+def codistill_args(out, **overrides):
+    return CodistillTrainingArguments(output_dir=str(out), codistill=True, num_groups=2, **{**COMMON, **overrides})
+
+
+def by_step(log_history, key):
+    return {entry["step"]: entry[key] for entry in log_history if key in entry}
+
+
+class Recorder(TrainerCallback):
+    """Per optimizer step: each model's checksum and each peer copy's."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        peers = self.trainer.peers
+        self.steps.append({
+            "models": [checksum(m.parameters()) for m in self.trainer.models],
+            "peers": None if peers.live else [checksum(p.parameters()) for p in peers.copies],
+        })
+
+
+def test_list_of_models_gives_the_one_process_trainer(tmp_path):
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path), train_dataset=digits_dataset(32)[0])
+    assert isinstance(trainer, OneProcessCodistillTrainer) and isinstance(trainer, CodistillTrainer)
+    assert len(trainer.models) == 2 and trainer.num_groups == 2
+    with pytest.raises(ValueError, match="num_groups=3"):
+        CodistillTrainer(model=[vit(0), vit(1), vit(2)], args=codistill_args(tmp_path))
+
+
+def test_alpha_zero_equals_plain_trainer_per_model_with_per_model_clipping(tmp_path):
+    """alpha = 0: each model follows exactly its own plain Trainer run (seed + g), gradient accumulation, epoch
+    boundaries and gradient clipping included, even though model 1's gradients are thousands of times larger."""
+    train, _ = digits_dataset(48)
+    models = [vit(0), vit(1)]
+    with torch.no_grad():
+        models[1].classifier.weight.mul_(1e4)
+    alone = [copy.deepcopy(m) for m in models]
+    settings = dict(max_steps=4, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.05, max_grad_norm=1.0)
+    trainer = CodistillTrainer(model=models, args=codistill_args(tmp_path / "codistill", codistill_alpha=0,
+                                                                 codistill_sync_every=3, **settings),
+                               train_dataset=train)
+    trainer.train()
+    logs = trainer.state.log_history
+    assert min(by_step(logs, "group_1/grad_norm").values()) > 100 * max(by_step(logs, "group_0/grad_norm").values())
+    for group, model in enumerate(alone):
+        plain_args = TrainingArguments(output_dir=str(tmp_path / f"plain{group}"), **{**COMMON, **settings,
+                                                                                       "seed": 42 + group})
+        plain = Trainer(model=model, args=plain_args, train_dataset=train)
+        plain.train()
+        assert checksum(trainer.models[group].parameters()) == checksum(model.parameters())
+        assert by_step(logs, f"group_{group}/loss") == pytest.approx(by_step(plain.state.log_history, "loss"), rel=1e-6)
+
+
+def test_peers_stay_stale_until_every_kth_step(tmp_path):
+    train, _ = digits_dataset(64)
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=7, codistill_sync_every=3),
+                               train_dataset=train)
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    peers = [s["peers"] for s in recorder.steps]
+    changed = [step for step in range(2, 8) if peers[step - 1] != peers[step - 2]]
+    assert changed == [3, 6]
+    for step in (3, 6):
+        assert peers[step - 1] == recorder.steps[step - 1]["models"]
+    logs = trainer.state.log_history
+    for group in (0, 1):
+        task, distill = by_step(logs, f"group_{group}/task_loss"), by_step(logs, f"group_{group}/distill_loss")
+        total = by_step(logs, f"group_{group}/loss")
+        assert all(distill[s] > 0 and total[s] == pytest.approx(task[s] + distill[s], rel=1e-5) for s in total)
+    assert by_step(logs, "group_0/loss") == pytest.approx(by_step(logs, "loss"), rel=1e-6)
+    assert by_step(logs, "group_0/peer_exchanges")[7] == 3  # steps 0, 3 and 6
+
+
+def test_fresh_peers_are_the_live_models(tmp_path, monkeypatch):
+    """k = 1 distils from the live models (no copies); that is the same as copies refreshed after every step."""
+    train, _ = digits_dataset(64)
+    args = dict(max_steps=4, codistill_sync_every=1)
+    live = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "live", **args), train_dataset=train)
+    live.train()
+    assert live.peers.live and live.peers.copies is None
+    local_peers = one_process.LocalPeers
+    monkeypatch.setattr(one_process, "LocalPeers", lambda models, live: local_peers(models, live=False))
+    copied = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "copies", **args),
+                              train_dataset=train)
+    copied.train()
+    assert copied.peers.copies is not None
+    for a, b in zip(live.models, copied.models):
+        assert checksum(a.parameters()) == checksum(b.parameters())
+
+
+def test_shared_batch_keeps_identical_models_identical(tmp_path):
+    """One batch for all models: from one initialisation, without dropout, the models never part."""
+    train, _ = digits_dataset(64)
+    args = codistill_args(tmp_path, max_steps=4, codistill_shared_init=True, codistill_sync_every=2,
+                          codistill_shared_batch=True)
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=args, train_dataset=train)
+    trainer.train()
+    assert checksum(trainer.models[0].parameters()) == checksum(trainer.models[1].parameters())
+    assert by_step(trainer.state.log_history, "group_1/task_loss") == by_step(trainer.state.log_history, "task_loss")
+
+
+def test_peers_must_share_the_output_space(tmp_path):
+    train, _ = digits_dataset(32)
+    trainer = CodistillTrainer(model=[vit(0), vit(1, num_labels=5)], args=codistill_args(tmp_path, max_steps=1),
+                               train_dataset=train)
+    with pytest.raises(ValueError, match=r"model 0's logits have shape \(16, 10\), model 1's \(16, 5\)"):
+        trainer.train()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A small and a larger ViT, with dropout, checkpointed every 3 steps across two epochs (4 steps each)."""
+    out = tmp_path_factory.mktemp("one_process") / "out"
+    train, val = digits_dataset(64)
+
+    def run(resume=None):
+        models = [vit(0, dropout=0.1), vit(1, hidden_size=48, dropout=0.1)]
+        args = codistill_args(out, max_steps=9, codistill_sync_every=4, save_strategy="steps", save_steps=3,
+                              save_total_limit=2, per_device_eval_batch_size=64)
+        trainer = CodistillTrainer(model=models, args=args, train_dataset=train, eval_dataset=val,
+                                   compute_metrics=accuracy)
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        return trainer
+
+    return out, run, run()
+
+
+def accuracy(eval_pred):
+    return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids).mean())}
+
+
+def test_save_layout_and_resume(saved_run, tmp_path):
+    out, run, trainer = saved_run
+    final = [checksum(m.parameters()) for m in trainer.models]
+    # The distributed mode's layout: one folder per model, complete checkpoints, rotation, group 0 at the root.
+    for group in (0, 1):
+        assert sorted(p.name for p in (out / f"group_{group}").glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
+        checkpoint = out / f"group_{group}" / "checkpoint-6"
+        for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
+                     PEERS_NAME, STATE_NAME):
+            assert (checkpoint / name).is_file(), name
+        assert json.loads((checkpoint / STATE_NAME).read_text())["last_exchange_step"] == 4
+        assert {key.split(".")[0] for key in load_file(checkpoint / PEERS_NAME)} == {f"group_{1 - group}"}
+        saved = ViTForImageClassification.from_pretrained(out, subfolder=f"group_{group}")
+        assert checksum(saved.parameters()) == final[group]
+    assert checksum(ViTForImageClassification.from_pretrained(out).parameters()) == final[0]
+    assert get_last_checkpoint(str(out), num_groups=2) == 9
+    assert json.loads((out / "codistill.json").read_text())["groups"] == ["group_0", "group_1"]
+    trainer.create_model_card()
+    assert all("codistillation" in (out / f"group_{g}" / "README.md").read_text() for g in (0, 1))
+
+    # Resuming mid-epoch from step 6 (dropout, skipped batches, peers from the checkpoint) retraces the same run.
+    for group in (0, 1):
+        shutil.rmtree(out / f"group_{group}" / "checkpoint-9")
+    resumed = run(resume=True)
+    assert [checksum(m.parameters()) for m in resumed.models] == final
+    assert by_step(resumed.state.log_history, "group_1/loss")[9] == by_step(trainer.state.log_history, "group_1/loss")[9]
+
+
+def test_evaluation_reports_each_model_the_ensemble_and_agreement(saved_run):
+    _, _, trainer = saved_run
+    metrics = trainer.evaluate()
+    output = trainer.predict(trainer.eval_dataset)
+    logits, labels = output.predictions, output.label_ids
+    assert len(logits) == 2
+    top1 = [l.argmax(-1) for l in logits]
+    probabilities = np.mean([np.exp(l - l.max(-1, keepdims=True)) / np.exp(l - l.max(-1, keepdims=True)).sum(-1,
+                                                                                                     keepdims=True)
+                             for l in logits], axis=0)
+    assert metrics["eval_accuracy"] == metrics["group_0/eval_accuracy"] == pytest.approx(np.mean(top1[0] == labels))
+    assert metrics["group_1/eval_accuracy"] == pytest.approx(np.mean(top1[1] == labels))
+    assert metrics["eval_ensemble_accuracy"] == pytest.approx(np.mean(probabilities.argmax(-1) == labels))
+    assert metrics["eval_agreement_0_1"] == metrics["eval_agreement_mean"] == pytest.approx(np.mean(top1[0] == top1[1]))
+    assert metrics["group_0/eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    assert metrics["group_1/eval_loss"] != metrics["group_0/eval_loss"]

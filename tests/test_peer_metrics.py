@@ -1,0 +1,74 @@
+"""Ensemble and agreement metrics against hand computations, as functions, `compute_metrics` and `evaluate` modules."""
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from transformers import EvalPrediction
+
+from hf_codistill.metrics import metric_path
+from hf_codistill.peer_metrics import ensemble_logits, peer_compute_metrics, top1_agreement
+
+# Three models, four positions; the last position is unlabelled (-100).
+PREDICTIONS = [np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]), np.array([1, 0, 0, 0])]
+LABELS = np.array([1, 2, 0, -100])
+
+
+def test_ensemble_is_the_log_of_the_mean_probability():
+    a = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    expected = torch.log((torch.softmax(a, -1) + torch.softmax(b, -1)) / 2)
+    assert torch.allclose(ensemble_logits([a, b]), expected)
+    # Model 0 is confident in class 0, model 1 more confident in class 1: the ensemble picks class 1.
+    assert ensemble_logits([a, b])[0].argmax().item() == 1
+    with pytest.raises(ValueError, match=r"\(2, 2\).*\(2, 3\)|\(2, 3\).*\(2, 2\)"):
+        ensemble_logits([a, torch.zeros(2, 3)])
+
+
+def test_agreement_pairwise_mean_and_mask():
+    assert top1_agreement(PREDICTIONS) == pytest.approx(
+        {"agreement_0_1": 3 / 4, "agreement_0_2": 1 / 4, "agreement_1_2": 2 / 4, "agreement_mean": 1.5 / 3}
+    )
+    masked = top1_agreement(PREDICTIONS, mask=LABELS != -100)
+    assert masked == pytest.approx(
+        {"agreement_0_1": 2 / 3, "agreement_0_2": 1 / 3, "agreement_1_2": 2 / 3, "agreement_mean": 5 / 9}
+    )
+    with pytest.raises(ValueError, match="at least 2 models"):
+        top1_agreement(PREDICTIONS[:1])
+
+
+def test_peer_compute_metrics_scores_each_model_and_the_ensemble():
+    logits = [np.eye(5)[p] * 4.0 for p in PREDICTIONS]  # confident one-hot logits
+
+    def accuracy(eval_pred):
+        counted = eval_pred.label_ids != -100
+        return {"accuracy": float((eval_pred.predictions.argmax(-1) == eval_pred.label_ids)[counted].mean())}
+
+    metrics = peer_compute_metrics(accuracy)(EvalPrediction(predictions=tuple(logits), label_ids=LABELS))
+    assert metrics["accuracy"] == metrics["group_0/accuracy"] == pytest.approx(2 / 3)
+    assert metrics["group_1/accuracy"] == pytest.approx(3 / 3)
+    assert metrics["group_2/accuracy"] == pytest.approx(2 / 3)
+    # Majority vote of the one-hot models: [1, 2, 0, *] -> all three labelled positions right.
+    assert metrics["ensemble_accuracy"] == pytest.approx(1.0)
+    assert metrics["agreement_mean"] == pytest.approx(5 / 9)
+
+
+def test_causal_lm_positions_follow_the_shifted_labels():
+    # Position t predicts label t + 1: only positions 0 and 1 predict a labelled token.
+    ids = [np.array([[5, 6, 7]]), np.array([[5, 0, 7]])]
+    labels = np.array([[-100, 1, 1]])
+    metrics = peer_compute_metrics(shift_labels=True)(EvalPrediction(predictions=tuple(ids), label_ids=labels))
+    assert metrics["agreement_0_1"] == pytest.approx(1 / 2)
+    assert "ensemble_accuracy" not in metrics  # top-1 ids give agreement, not an ensemble
+
+
+def test_shipped_evaluate_modules_load_offline_and_agree_with_the_functions():
+    agreement = evaluate.load(metric_path("agreement"))
+    rows = np.stack(PREDICTIONS, axis=1)
+    assert agreement.compute(predictions=rows) == pytest.approx(top1_agreement(PREDICTIONS))
+    assert agreement.compute(predictions=rows, labels=LABELS) == pytest.approx(
+        top1_agreement(PREDICTIONS, LABELS != -100)
+    )
+    logits = np.stack([np.eye(5)[p] * 4.0 for p in PREDICTIONS], axis=1).astype(np.float32)
+    ensemble = evaluate.load(metric_path("ensemble_accuracy"))
+    assert ensemble.compute(predictions=logits, references=LABELS) == {"ensemble_accuracy": pytest.approx(1.0)}
