@@ -46,17 +46,45 @@ def distillation_loss(
     num_positions = student_logits.shape[0]
     if num_positions == 0:
         return student_logits.sum() * 0.0
-    student_logits = student_logits.float()
-    peer_logits = peer_logits.detach().float()
     if loss_type == "mse":
-        return F.mse_loss(student_logits, peer_logits)
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-    peer_log_probs = F.log_softmax(peer_logits / temperature, dim=-1)
-    if loss_type == "kl":
-        # kl_div(input, target) is KL(target ‖ input) with `input` in log space: the peer is the target.
-        loss = F.kl_div(student_log_probs, peer_log_probs, reduction="sum", log_target=True)
-    elif loss_type == "ce":
-        loss = -(peer_log_probs.exp() * student_log_probs).sum()
-    else:
+        return F.mse_loss(student_logits.float(), peer_logits.detach().float())
+    if loss_type not in ("kl", "ce"):
         raise ValueError(f"Unknown `codistill_loss` {loss_type!r}: use 'kl', 'ce' or 'mse'.")
-    return loss * (temperature**2) / num_positions
+    return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce")
+
+
+# fp32 elements per chunk of positions (64 MB): a GPT-2 batch of 16 x 512 tokens would otherwise hold several
+# (positions x 50,257) fp32 tensors for the backward pass, more memory than the model's own activations.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class _SoftTargetLoss(torch.autograd.Function):
+    """T² / N · Σ_positions KL (or cross-entropy) of softmax(student / T) against softmax(peer / T), in fp32 chunks.
+
+    Saves only the two logit tensors in their own precision; the backward pass recomputes the softmaxes chunk by
+    chunk. The gradient, the same for KL and cross-entropy, is T / N · (softmax(student / T) - softmax(peer / T)).
+    """
+
+    @staticmethod
+    def forward(ctx, student, peer, temperature: float, with_entropy: bool):
+        rows = max(1, _CHUNK_ELEMENTS // student.shape[-1])
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for student_chunk, peer_chunk in zip(student.split(rows), peer.split(rows)):
+            student_log_probs = F.log_softmax(student_chunk.float() / temperature, dim=-1)
+            peer_log_probs = F.log_softmax(peer_chunk.float() / temperature, dim=-1)
+            target = peer_log_probs.exp()
+            total += (target * ((0 if with_entropy else peer_log_probs) - student_log_probs)).sum()
+        ctx.save_for_backward(student, peer)
+        ctx.temperature, ctx.rows = temperature, rows
+        return total * temperature**2 / student.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, peer = ctx.saved_tensors
+        temperature, scale = ctx.temperature, grad_output * ctx.temperature / student.shape[0]
+        grads = [
+            ((F.softmax(s.float() / temperature, dim=-1) - F.softmax(p.float() / temperature, dim=-1)) * scale)
+            .to(student.dtype)
+            for s, p in zip(student.split(ctx.rows), peer.split(ctx.rows))
+        ]
+        return torch.cat(grads), None, None, None

@@ -33,6 +33,7 @@ from .exchange import PeerCopies
 from .losses import distillation_loss, select_labelled_positions
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
+from .peer_forward import peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
 
@@ -298,9 +299,7 @@ class CodistillTrainer(Trainer):
         terms = []
         with torch.no_grad(), self.accelerator.autocast():
             for peer in self.peer_copies.models():
-                peer_outputs = peer(**peer_inputs)
-                peer_logits = peer_outputs["logits"] if isinstance(peer_outputs, dict) else peer_outputs[0]
-                terms.append(select_labelled_positions(peer_logits, labels, shift_labels=shift))
+                terms.append(peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=shift))
         losses = [
             distillation_loss(student, peer, self.args.codistill_loss, self.args.codistill_temperature)
             for peer in terms

@@ -97,3 +97,26 @@ def test_kl_is_zero_for_identical_predictions(batch):
 def test_mismatched_output_spaces_name_both_shapes():
     with pytest.raises(ValueError, match="10 classes, its peer's 12"):
         distillation_loss(torch.randn(3, 10), torch.randn(3, 12))
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "ce"])
+def test_chunked_soft_target_loss_matches_autograd_of_the_formula(loss_type, monkeypatch):
+    """Split into chunks of 3 positions, value and gradient still equal plain autograd over the whole formula."""
+    import hf_codistill.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 7)
+    torch.manual_seed(0)
+    student = torch.randn(10, 7, dtype=torch.float64, requires_grad=True)
+    peer = torch.randn(10, 7, dtype=torch.float64)
+    temperature = 2.0
+    value = losses.distillation_loss(student, peer, loss_type, temperature)
+    (grad,) = torch.autograd.grad(value, student)
+
+    reference_student = student.detach().clone().requires_grad_(True)
+    log_q = torch.log_softmax(reference_student / temperature, -1)
+    log_p = torch.log_softmax(peer / temperature, -1)
+    per_position = (log_p.exp() * ((log_p if loss_type == "kl" else 0) - log_q)).sum(-1)
+    expected = per_position.mean() * temperature**2
+    (expected_grad,) = torch.autograd.grad(expected, reference_student)
+    torch.testing.assert_close(value, expected.to(value.dtype))
+    torch.testing.assert_close(grad, expected_grad)

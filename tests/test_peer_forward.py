@@ -1,0 +1,46 @@
+"""The peer's head runs on the labelled positions only, and gives exactly the logits a full forward selects."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+from hf_codistill.losses import select_labelled_positions
+from hf_codistill.peer_forward import peer_logits_at_labels
+
+
+def _bert():
+    return BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64)), False
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                                      eos_token_id=0)), True
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2])
+def test_head_at_labelled_positions_matches_full_forward(build):
+    torch.manual_seed(0)
+    model, causal = build()
+    model.eval()
+    ids = torch.randint(0, 100, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
+    projected = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
+    with torch.no_grad():
+        selected = peer_logits_at_labels(model, {"input_ids": ids}, labels, shift_labels=causal)
+        handle.remove()
+        full = select_labelled_positions(model(input_ids=ids).logits, labels, shift_labels=causal)
+    torch.testing.assert_close(selected, full)  # equal up to the matmul blocking of fewer rows
+    # The vocabulary projection ran on the scored positions only.
+    assert projected[0] == (full.shape[0], 100)
+
+
+def test_classifiers_run_whole():
+    model = ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                                num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    model.eval()
+    pixels, labels = torch.randn(4, 1, 8, 8), torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        assert torch.equal(peer_logits_at_labels(model, {"pixel_values": pixels}, labels, shift_labels=False),
+                           model(pixel_values=pixels).logits)
