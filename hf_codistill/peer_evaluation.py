@@ -8,7 +8,6 @@ labelled positions and every model's top-1 prediction, gathered over the group l
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import EvalPrediction

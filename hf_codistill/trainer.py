@@ -65,11 +65,22 @@ class _CodistillCallback(TrainerCallback):
         self.trainer._start_codistillation()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.trainer.args.codistill_sync_every == 0:
-            self.trainer.peer_copies.exchange(self.trainer.model, state.global_step)
+        trainer, peers = self.trainer, self.trainer.peer_copies
+        # A background exchange started at the previous step lands now, before anything reads the peers again.
+        peers.finish_exchange()
+        if state.global_step % trainer.args.codistill_sync_every != 0:
+            return
+        # Saves and the end of training need the peers settled: a resumed run must see the same peers.
+        if trainer.args.codistill_overlap_exchange and not (control.should_save or control.should_training_stop):
+            peers.start_exchange(trainer.model, state.global_step)
+        else:
+            peers.exchange(trainer.model, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer._save_codistill_checkpoint()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.peer_copies.finish_exchange()
 
 
 class _ParameterDistanceCallback(TrainerCallback):
@@ -214,7 +225,7 @@ class CodistillTrainer(Trainer):
     def _start_codistillation(self) -> None:
         """Build the peer copies: from the checkpoint when resuming, else by a first exchange."""
         model = self.model
-        self.peer_copies = PeerCopies(model, self.topology)
+        self.peer_copies = PeerCopies(model, self.topology, sharded=self.args.codistill_sharded_exchange)
         self.peer_copies.check_same_architecture(model)
         step = self.state.global_step
         self._metrics_since_step = step
@@ -460,6 +471,8 @@ class CodistillTrainer(Trainer):
 
     def _save_codistill_checkpoint(self) -> None:
         """Add the peer copies to the checkpoint Trainer just wrote, then mark it complete once all groups have."""
+        # A save the step-end callback did not foresee (e.g. `save_strategy="best"`) may meet a background exchange.
+        self.peer_copies.finish_exchange()
         step = self.state.global_step
         checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         writer = self.args.should_save

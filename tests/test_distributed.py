@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from transformers import ViTForImageClassification
 
 from hf_codistill import get_last_checkpoint
@@ -58,6 +57,19 @@ def test_peer_copies_change_only_every_k_steps_and_equal_the_peer_then(codistill
         assert changed == [3, 6]
         for step in (3, 6):
             assert history[step] == own[peer_group][step]
+
+
+def test_background_exchange_lands_one_step_later(tmp_path, launcher):
+    """`codistill_overlap_exchange`: the exchange started at step s (k = 3) is in the peers from step s + 1."""
+    ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--codistill_overlap_exchange", "true", "--output_dir",
+                                 str(tmp_path / "out"), "--save_steps", "4"], tmp_path / "results")
+    own = {r["group_index"]: {s["step"]: s["own"] for s in r["steps"]} for r in ranks}
+    for rank in ranks:
+        peer_group = 1 - rank["group_index"]
+        history = {s["step"]: s["peers"][str(peer_group)] for s in rank["steps"]}
+        assert [step for step in range(2, 9) if history[step] != history[step - 1]] == [4, 7]
+        assert history[4] == own[peer_group][3] and history[7] == own[peer_group][6]
+    assert (tmp_path / "out" / "group_1" / "checkpoint-4" / "codistill_state.json").is_file()
 
 
 def test_logged_bytes_are_one_model_per_peer_per_exchange(codistill_run):

@@ -14,7 +14,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from hf_codistill.data import gpt2_bpe_tokenizer, minilm_path
+from hf_codistill.data import fashion_mnist_available, gpt2_bpe_tokenizer, minilm_path
 from tests.conftest import REPO, launch
 
 RECIPES = REPO / "recipes"
@@ -143,3 +143,17 @@ def test_mlm_needs_a_mask_token(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no mask token.*run_clm.py"):
         _run_main("run_mlm", monkeypatch, "--do_train", "--use_cpu", "--output_dir", str(tmp_path / "out"),
                   "--config_name", str(minilm_path()), "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))
+
+
+@pytest.mark.skipif(not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_vit(tmp_path):
+    """Debian's Fashion-MNIST (70k 28x28 images, read from its IDX files) through the ViT recipe."""
+    out = tmp_path / "fashion"
+    proc = subprocess.run([sys.executable, str(RECIPES / "run_image_classification.py"), *COMMON,
+                           *ARGS["run_image_classification.py"], "--use_cpu", "--dataset_name", "fashion_mnist",
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Training data: fashion_mnist (built in, offline)" in proc.stdout + proc.stderr
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.image_size == 28 and model.config.id2label[9] == "Ankle boot"
+    assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 32

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Time of one training step: plain `Trainer` vs. `CodistillTrainer`, same model, batch and precision.
+
+One process, one group's view. The plain step is the student's forward, backward and optimizer step through
+`Trainer.training_step`; the codistillation step is the same call on a `CodistillTrainer` that holds one peer copy
+(a frozen model of the same architecture), so it adds the peer's forward and the distillation loss exactly as the
+trainer computes them. No exchange happens during the timed steps (it is every k steps and measured by
+`communication.py`). Each case and mode runs in a fresh process, so peak memory is per mode.
+
+    python benchmarks/step_overhead.py --smoke                      # CPU, tiny models (the test suite's run)
+    python benchmarks/step_overhead.py --device cuda --bf16         # BERT-base MLM 64x128, GPT-2 small CLM 16x512,
+                                                                    # ViT-base 128x224²
+Prints: case, plain ms, codistill ms, ratio, peak memory of both (GPU: max allocated; CPU: peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ("bert-mlm", "gpt2-clm", "vit")
+
+
+def build_case(case: str, tiny: bool, device):
+    """A model built from its config (random weights) and a factory of random batches for it."""
+    import torch
+    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig,
+                              ViTForImageClassification)
+
+    if case == "bert-mlm":
+        config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64) if tiny else BertConfig()
+        batch, length = (8, 32) if tiny else (64, 128)
+
+        def model():
+            return BertForMaskedLM(config)
+
+        def inputs():
+            ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+            labels = torch.full_like(ids, -100)
+            masked = torch.rand(batch, length, device=device) < 0.15
+            labels[masked] = ids[masked]
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    elif case == "gpt2-clm":
+        config = GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=64) if tiny else GPT2Config()
+        batch, length = (4, 64) if tiny else (16, 512)
+
+        def model():
+            return GPT2LMHeadModel(config)
+
+        def inputs():
+            ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    elif case == "vit":
+        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, num_labels=10) if tiny else ViTConfig(num_labels=1000)
+        batch = 8 if tiny else 128
+
+        def model():
+            return ViTForImageClassification(config)
+
+        def inputs():
+            pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
+            return {"pixel_values": pixels, "labels": torch.randint(0, config.num_labels, (batch,), device=device)}
+
+    else:
+        raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    shape = f"{batch}x{length}" if case != "vit" else f"{batch}x{config.image_size}²"
+    return model, inputs, shape
+
+
+class _OnePeer:
+    """Stands in for `PeerCopies` in one process: the peer models, without an exchange."""
+
+    def __init__(self, peers):
+        self.peers = dict(enumerate(peers, start=1))
+
+    def models(self):
+        return list(self.peers.values())
+
+
+def measure(case: str, mode: str, args) -> dict:
+    """Run warm-up and timed steps of one case in this process; return ms per step and peak memory."""
+    import resource
+
+    import torch
+    from transformers import set_seed
+
+    sys.path.insert(0, REPO)
+    from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+    from hf_codistill.exchange import frozen_copy
+
+    cuda = args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.set_num_threads(args.threads) if not cuda else None
+    make_model, make_inputs, shape = build_case(case, tiny=args.smoke, device=device)
+    training_args = CodistillTrainingArguments(
+        output_dir=tempfile.mkdtemp(), use_cpu=not cuda, bf16=args.bf16, report_to="none", learning_rate=1e-4,
+        per_device_train_batch_size=1, disable_tqdm=True,
+    )
+    set_seed(0)
+    model = make_model()
+    trainer = CodistillTrainer(model=model, args=training_args)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    if mode == "codistill":
+        set_seed(1)
+        peer = frozen_copy(make_model()).to(model.device)
+        # The codistillation branch of `compute_loss`, with this process's one peer standing for the other group.
+        trainer.codistilling = True
+        trainer.peer_copies = _OnePeer([peer])
+        trainer._step_metrics = defaultdict(list)
+    batches = [make_inputs() for _ in range(4)]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i):
+        trainer.training_step(trainer.model, batches[i % len(batches)])
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if mode == "codistill":
+            trainer._step_metrics.clear()  # Trainer's log() would pop them
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - began)
+    times.sort()
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"case": case, "shape": shape, "mode": mode, "ms": 1000 * times[len(times) // 2],
+            "peak_bytes": peak, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def run_child(case: str, mode: str, args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", case, mode, "--device", args.device,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE"):
+        env.pop(key, None)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{case} ({mode}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, a few steps.")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (both modes).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per process.")
+    parser.add_argument("--timeout", type=int, default=240, help="Seconds one case and mode may take.")
+    parser.add_argument("--json", help="Also write the rows to this file.")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.smoke:
+        args.device, args.steps, args.warmup = "cpu", 3, 1
+    if args.child:
+        print(json.dumps(measure(*args.child, args)))
+        return
+    # The smoke run stays in one process (seconds instead of minutes); its CPU memory column is then not per mode.
+    run = (lambda case, mode, args: measure(case, mode, args)) if args.smoke else run_child
+    rows = []
+    for case in args.cases.split(","):
+        plain, codistill = run(case, "plain", args), run(case, "codistill", args)
+        rows.append({"case": case, "shape": plain["shape"], "device": plain["device"], "plain_ms": plain["ms"],
+                     "codistill_ms": codistill["ms"], "ratio": codistill["ms"] / plain["ms"],
+                     "plain_peak_bytes": plain["peak_bytes"], "codistill_peak_bytes": codistill["peak_bytes"],
+                     "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"]})
+    memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
+    print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, median of "
+          f"{args.steps} steps; memory: {memory}")
+    print("| case | batch | plain ms | codistill ms | ratio | plain peak MB | codistill peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['shape']} | {r['plain_ms']:.1f} | {r['codistill_ms']:.1f} | {r['ratio']:.2f} | "
+              f"{r['plain_peak_bytes'] / 2**20:,.0f} | {r['codistill_peak_bytes'] / 2**20:,.0f} | "
+              f"{r['memory_ratio']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The benchmarks' smoke modes: each runs end to end on the CPU and reports sane numbers (nothing is timed)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run(script, *args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def test_step_overhead_smoke(tmp_path):
+    out = run(BENCHMARKS / "step_overhead.py", "--smoke", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["case"] for r in rows] == ["bert-mlm", "gpt2-clm", "vit"]
+    assert all(r["plain_ms"] > 0 and r["codistill_ms"] > 0 and r["plain_peak_bytes"] > 0 for r in rows)
+    assert "| case | batch | plain ms | codistill ms | ratio |" in out
+
+
+def test_communication_smoke(tmp_path):
+    out = run(BENCHMARKS / "communication.py", "--smoke", "--json", str(tmp_path / "rows.json"))
+    ddp, sharded = json.loads((tmp_path / "rows.json").read_text())
+    assert ddp["mode"].startswith("DDP") and "sharded" in sharded["mode"]
+    # 4 steps, k = 2: two exchanges of the one peer model, sharded over 2 ranks: each rank sends half of it.
+    steps, model_bytes = 4, sharded["model_bytes"]
+    assert sharded["rank_cross"] == pytest.approx(model_bytes / steps)
+    # The group as a whole sends one model per exchange across the boundary.
+    assert sharded["group_cross"] == pytest.approx(2 * model_bytes / steps)
+    # Ring all-reduce of the gradients over W = 4 ranks: 2 (W - 1) / W x P per rank and step.
+    assert ddp["rank_cross"] == pytest.approx(1.5 * model_bytes)
+    assert "| method | cross-group bytes / step, per rank |" in out
+
+
+def _namespaces():
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+def _can_create_namespaces():
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        return False
+    name = f"cdxprobe{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return True
+
+
+@pytest.mark.skipif(not _can_create_namespaces(), reason="needs root with ip/tc and network namespaces")
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs Fashion-MNIST (Debian's dataset-fashion-mnist package)")
+def test_slow_network_smoke(tmp_path):
+    before = _namespaces()
+    out = run(BENCHMARKS / "slow_network" / "run.py", "--smoke", "--out", str(tmp_path / "out"), "--work_dir",
+              str(tmp_path / "runs"), timeout=400)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["rate"], r["method"]) for r in results["rows"]] == [("100mbit", "all-reduce DDP"),
+                                                                   ("100mbit", "codistill 2x2 (group 0)")]
+    assert all(r["steps"] == 6 and r["steps_per_second"] > 0 for r in results["rows"])
+    assert (tmp_path / "out" / "eval_loss_vs_time.png").stat().st_size > 0
+    assert "| link | method | steps/s |" in out
+    # Everything the harness created is gone.
+    assert {name for name in _namespaces() - before if name.startswith("cdx")} == set()
