@@ -217,9 +217,10 @@ class CodistillTrainer(Trainer):
             resume_from_checkpoint = resolve_resume_checkpoint(
                 resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups
             )
-        elif resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_trainer_checkpoint(self.args.output_dir)  # Trainer's own resolution
-        self._resume_checkpoint = resume_from_checkpoint or None
+        resumed = resume_from_checkpoint
+        if resumed is True:  # plain mode: the folder Trainer itself will pick (and complain about if there is none)
+            resumed = get_last_trainer_checkpoint(self.args.output_dir)
+        self._resume_checkpoint = resumed or None
         return super().train(resume_from_checkpoint, *a, **kw)
 
     def _start_codistillation(self) -> None:
