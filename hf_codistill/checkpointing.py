@@ -111,3 +111,19 @@ def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep
         if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def write_run_info(root: str, args, num_groups: int, group_size: int, **extra) -> None:
+    """`codistill.json` at the root: G and the codistillation settings, for readers of the output folder."""
+    os.makedirs(root, exist_ok=True)
+    info = {
+        "num_groups": num_groups,
+        "group_size": group_size,
+        "groups": [os.path.basename(group_dir(root, g)) for g in range(num_groups)],
+        **extra,
+        **{name: getattr(args, name) for name in ("codistill_alpha", "codistill_loss", "codistill_temperature",
+                                                  "codistill_sync_every", "codistill_burn_in_steps",
+                                                  "codistill_alpha_warmup_steps")},
+    }
+    with open(os.path.join(root, RUN_INFO_NAME), "w") as f:
+        json.dump(info, f, indent=2)

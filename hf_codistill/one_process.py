@@ -45,11 +45,11 @@ from transformers.utils import can_return_loss, find_labels
 from .checkpointing import (
     INIT_NAME,
     PEERS_NAME,
-    RUN_INFO_NAME,
     STATE_NAME,
     group_dir,
     read_state,
     rotate_group_checkpoints,
+    write_run_info,
 )
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
@@ -766,22 +766,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def _write_run_info(self, root: str | None = None) -> None:
         root = root or self.codistill_root
-        os.makedirs(root, exist_ok=True)
-        args = self.args
-        info = {
-            "num_groups": self.num_groups,
-            "group_size": self.group_size,
-            "groups": [os.path.basename(group_dir(root, g)) for g in range(self.num_groups)],
-            "one_process": True,
-            "codistill_alpha": args.codistill_alpha,
-            "codistill_loss": args.codistill_loss,
-            "codistill_temperature": args.codistill_temperature,
-            "codistill_sync_every": args.codistill_sync_every,
-            "codistill_burn_in_steps": args.codistill_burn_in_steps,
-            "codistill_alpha_warmup_steps": args.codistill_alpha_warmup_steps,
-        }
-        with open(os.path.join(root, RUN_INFO_NAME), "w") as f:
-            json.dump(info, f, indent=2)
+        write_run_info(root, self.args, self.num_groups, self.group_size, one_process=True)
 
     def _complete_checkpoint(self) -> None:
         """Give every model Trainer's state and RNG files, its peers and initial weights; then mark the step done."""

@@ -20,12 +20,12 @@ from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_c
 from .checkpointing import (
     INIT_NAME,
     PEERS_NAME,
-    RUN_INFO_NAME,
     STATE_NAME,
     group_dir,
     read_state,
     resolve_resume_checkpoint,
     rotate_group_checkpoints,
+    write_run_info,
 )
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
@@ -454,21 +454,7 @@ class CodistillTrainer(Trainer):
         if not self.topology.is_world_zero:
             return
         root = root or self.codistill_root
-        os.makedirs(root, exist_ok=True)
-        args = self.args
-        info = {
-            "num_groups": self.num_groups,
-            "group_size": self.group_size,
-            "groups": [os.path.basename(group_dir(root, g)) for g in range(self.num_groups)],
-            "codistill_alpha": args.codistill_alpha,
-            "codistill_loss": args.codistill_loss,
-            "codistill_temperature": args.codistill_temperature,
-            "codistill_sync_every": args.codistill_sync_every,
-            "codistill_burn_in_steps": args.codistill_burn_in_steps,
-            "codistill_alpha_warmup_steps": args.codistill_alpha_warmup_steps,
-        }
-        with open(os.path.join(root, RUN_INFO_NAME), "w") as f:
-            json.dump(info, f, indent=2)
+        write_run_info(root, self.args, self.num_groups, self.group_size)
 
     def _save_codistill_checkpoint(self) -> None:
         """Add the peer copies to the checkpoint Trainer just wrote, then mark it complete once all groups have."""
