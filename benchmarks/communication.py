@@ -24,7 +24,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("ddp", "codistill_sharded", "codistill_unsharded")
+MODES = ("ddp", "codistill_sharded", "codistill_unsharded", "codistill_sharded_bf16")
 
 
 def run_worker(args):
@@ -38,10 +38,11 @@ def run_worker(args):
     from hf_codistill.exchange import exchanged_tensors
 
     codistill = args.mode != "ddp"
-    sharded = args.mode == "codistill_sharded"
+    sharded = args.mode.startswith("codistill_sharded")
     training_args = CodistillTrainingArguments(
         output_dir=os.path.join(args.results, "out"), codistill=codistill, num_groups=args.num_groups,
         codistill_sync_every=args.sync_every, codistill_sharded_exchange=sharded, use_cpu=True,
+        codistill_peer_dtype="bfloat16" if args.mode.endswith("bf16") else None,
         max_steps=args.steps, per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=args.steps,
         save_strategy="no", report_to="none", disable_tqdm=True,
     )
@@ -129,6 +130,7 @@ def summarise(mode, ranks):
     # Intra-group: the group's own DDP gradient all-reduce (ring over n) plus, sharded, the shard all-gather.
     intra = 2 * (n - 1) / n * first["allreduced_bytes"] / steps + first["group_received"] / steps
     label = "codistill, sharded exchange" if first["sharded"] else "codistill, whole-model exchange"
+    label += ", bfloat16 peers" if mode.endswith("bf16") else ""
     return {"mode": f"{label} (k={first['steps'] // max(1, first['exchanges'])})", "model_bytes": first["model_bytes"],
             "rank_cross": first["cross_sent"] / steps, "group_cross": sum(r["cross_sent"] for r in group) / steps,
             "rank_intra": intra, "exchanges": first["exchanges"]}

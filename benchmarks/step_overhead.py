@@ -28,16 +28,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("bert-mlm", "gpt2-clm", "vit")
 
 
-def build_case(case: str, tiny: bool, device):
-    """A model built from its config (random weights) and a factory of random batches for it."""
+def build_case(case: str, size: str, device):
+    """A model built from its config (random weights) and a factory of random batches for it.
+
+    `size`: `tiny` (smoke), `cpu` (the real vocabularies and output heads, small bodies and batches: where the
+    vocabulary-sized work of the distillation term shows on a CPU) or `full` (the issue's GPU cases).
+    """
+    tiny, cpu = size == "tiny", size == "cpu"
     import torch
     from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig,
                               ViTForImageClassification)
 
     if case == "bert-mlm":
-        config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64) if tiny else BertConfig()
-        batch, length = (8, 32) if tiny else (64, 128)
+        config = (BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64) if tiny
+                  else BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+                  if cpu else BertConfig())
+        batch, length = (8, 32) if tiny else (8, 128) if cpu else (64, 128)
 
         def model():
             return BertForMaskedLM(config)
@@ -50,8 +57,9 @@ def build_case(case: str, tiny: bool, device):
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     elif case == "gpt2-clm":
-        config = GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=64) if tiny else GPT2Config()
-        batch, length = (4, 64) if tiny else (16, 512)
+        config = (GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2, n_positions=64) if tiny
+                  else GPT2Config(n_embd=128, n_layer=2, n_head=2, n_positions=256) if cpu else GPT2Config())
+        batch, length = (4, 64) if tiny else (4, 256) if cpu else (16, 512)
 
         def model():
             return GPT2LMHeadModel(config)
@@ -61,9 +69,12 @@ def build_case(case: str, tiny: bool, device):
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     elif case == "vit":
-        config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, num_labels=10) if tiny else ViTConfig(num_labels=1000)
-        batch = 8 if tiny else 128
+        config = (ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, num_labels=10) if tiny
+                  else ViTConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=512, num_labels=1000) if cpu
+                  else ViTConfig(num_labels=1000))
+        batch = 8 if tiny else 32 if cpu else 128
 
         def model():
             return ViTForImageClassification(config)
@@ -102,7 +113,7 @@ def measure(case: str, mode: str, args) -> dict:
     cuda = args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(args.threads) if not cuda else None
-    make_model, make_inputs, shape = build_case(case, tiny=args.smoke, device=device)
+    make_model, make_inputs, shape = build_case(case, args.size, device=device)
     training_args = CodistillTrainingArguments(
         output_dir=tempfile.mkdtemp(), use_cpu=not cuda, bf16=args.bf16, report_to="none", learning_rate=1e-4,
         per_device_train_batch_size=1, disable_tqdm=True,
@@ -151,8 +162,10 @@ def measure(case: str, mode: str, args) -> dict:
 def run_child(case: str, mode: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", case, mode, "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO}
+    command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke + ["--size", args.size]
+    # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed, so that the CPU's
+    # peak RSS follows the tensors alive at once rather than what the allocator kept.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "1048576"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE"):
         env.pop(key, None)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -165,6 +178,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="Tiny models on the CPU, a few steps.")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--size", choices=["tiny", "cpu", "full"], default=None,
+                        help="Model and batch sizes (default: full; tiny with --smoke). `cpu`: real vocabularies and "
+                        "heads on small bodies, for a CPU.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (both modes).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
@@ -176,6 +192,7 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.device, args.steps, args.warmup = "cpu", 3, 1
+    args.size = args.size or ("tiny" if args.smoke else "full")
     if args.child:
         print(json.dumps(measure(*args.child, args)))
         return

@@ -11,6 +11,7 @@ from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
 
 DISTILLATION_LOSSES = ("kl", "ce", "mse")
+PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -84,6 +85,11 @@ class CodistillTrainingArguments(TrainingArguments):
             Run the cross-group part of each exchange in the background while the next step trains, and apply it at
             that step's end: the peers then lag one step more (exchanged at step s, used from step s+2). Worth it
             when links between groups are slow.
+        codistill_peer_dtype (`str`, *optional*):
+            Precision of the stale peer copies and of the exchange that refreshes them: `"bfloat16"` or `"float16"`
+            halve both the peers' memory and the bytes crossing group boundaries (`benchmarks/README.md` measures
+            the effect on accuracy). Unset: the model's own precision. Floating-point inputs (pixel values) are cast
+            to it for the peers' forward; the models themselves train, save and evaluate in full precision.
     """
 
     codistill: bool = field(
@@ -152,6 +158,11 @@ class CodistillTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Overlap each peer exchange with the next training step; peers lag one step more."},
     )
+    codistill_peer_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Precision of the peer copies and their exchange (`bfloat16` halves memory and bytes); "
+                  "default: the model's.", "choices": list(PEER_DTYPES)},
+    )
 
     def __post_init__(self):
         self._check_codistill_arguments()
@@ -184,6 +195,11 @@ class CodistillTrainingArguments(TrainingArguments):
                 f"{self.codistill_weight_decay_schedule!r}."
             )
         parse_milestones(self.codistill_weight_decay_milestones)
+        if self.codistill_peer_dtype is not None and self.codistill_peer_dtype not in PEER_DTYPES:
+            raise ValueError(
+                f"`codistill_peer_dtype` must be one of {', '.join(PEER_DTYPES)} (or unset for the model's own "
+                f"precision), got {self.codistill_peer_dtype!r}."
+            )
         for name in ("codistill_burn_in_steps", "codistill_alpha_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
@@ -205,6 +221,11 @@ class CodistillTrainingArguments(TrainingArguments):
     def topology(self) -> GroupTopology | None:
         """The groups this process belongs to, or `None` when not launched on several processes."""
         return get_topology() if self.codistill else None
+
+    @property
+    def peer_torch_dtype(self) -> torch.dtype | None:
+        """`codistill_peer_dtype` as a `torch.dtype`; None keeps the model's precision."""
+        return PEER_DTYPES[self.codistill_peer_dtype] if self.codistill_peer_dtype is not None else None
 
     @property
     def logs_param_distance(self) -> bool:

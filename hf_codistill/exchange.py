@@ -9,7 +9,8 @@ their models' parameters and buffers (P bytes per model), and only that crosses 
 - unsharded (n = 1, or `sharded=False`): every rank all-gathers whole models over its column, (G-1) x P bytes per
   rank, n x (G-1) x P per group.
 
-Both paths copy the same bits: the peer copies are identical either way.
+Both paths copy the same bits: the peer copies are identical either way. With a peer precision (`dtype`, e.g.
+bfloat16) the copies are held in it and the floating-point tensors travel in it, halving memory and bytes.
 
 An exchange can also run in the background (`start_exchange` / `finish_exchange`): the cross-group all-gather is
 started at step s on a snapshot of the parameters and applied at the next step boundary, so step s+1 still uses the
@@ -36,12 +37,13 @@ def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     return tensors
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` for inference only: eval mode (no dropout, so no RNG is consumed) and no gradients."""
+def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of `model` for inference only: eval mode (no dropout, so no RNG is consumed) and no gradients; its
+    floating-point parameters and buffers in `dtype` if given."""
     peer = copy.deepcopy(model)
     peer.eval()
     peer.requires_grad_(False)
-    return peer
+    return peer.to(dtype) if dtype is not None else peer
 
 
 def _buckets(tensors: OrderedDict[str, torch.Tensor]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
@@ -81,11 +83,12 @@ class PeerCopies:
     `group_bytes_received` counts what the sharded path adds inside the group.
     """
 
-    def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True):
+    def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True,
+                 dtype: torch.dtype | None = None):
         self.topology = topology
         self.sharded = sharded and topology.group_size > 1
         self.peers: dict[int, nn.Module] = {
-            group: frozen_copy(model) for group in range(topology.num_groups) if group != topology.group_index
+            group: frozen_copy(model, dtype) for group in range(topology.num_groups) if group != topology.group_index
         }
         self.last_exchange_step: int | None = None
         self.bytes_sent = 0
@@ -118,10 +121,13 @@ class PeerCopies:
         go on (and change the parameters) until `finish_exchange`.
         """
         self.finish_exchange()
-        topology, own = self.topology, exchanged_tensors(model)
+        topology = self.topology
+        # Each tensor travels in its peer copy's precision (a no-op unless the peers are held in lower precision).
+        wire = exchanged_tensors(next(iter(self.peers.values())))
+        own = {name: tensor.detach().to(wire[name].dtype) for name, tensor in exchanged_tensors(model).items()}
         buckets = []
         for (dtype, device), names in _buckets(own).items():
-            flat = torch.cat([own[name].detach().reshape(-1) for name in names])
+            flat = torch.cat([own[name].reshape(-1) for name in names])
             numel = flat.numel()
             if self.sharded:
                 n = topology.group_size
@@ -189,12 +195,20 @@ class PeerCopies:
                 "model from the same config (or checkpoint) in every process."
             )
 
-    def load_into(self, model: nn.Module, group: int) -> None:
-        """Overwrite `model` with peer `group`'s weights (for a shared initialisation)."""
-        source = exchanged_tensors(self.peers[group])
-        with torch.no_grad():
-            for name, tensor in exchanged_tensors(model).items():
-                tensor.copy_(source[name])
+    @torch.no_grad()
+    def broadcast_model(self, model: nn.Module, source_group: int = 0) -> None:
+        """Overwrite `model`, in every group, with group `source_group`'s weights at full precision (a shared
+        initialisation). Collective over the whole world; follow it with `exchange` to refresh the peers."""
+        own = exchanged_tensors(model)
+        options = dist.BroadcastOptions()
+        options.rootRank = source_group  # a column's rank is its group index
+        for names in _buckets(own).values():
+            flat = torch.cat([own[name].detach().reshape(-1) for name in names])
+            self.topology.column.broadcast([flat], options).wait()
+            offset = 0
+            for name in names:
+                own[name].copy_(flat[offset : offset + own[name].numel()].view_as(own[name]))
+                offset += own[name].numel()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self._pending is not None:

@@ -8,25 +8,42 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def scored_positions(labels: torch.Tensor | None, shift_labels: bool) -> torch.Tensor | None:
+    """(batch, positions) mask of the positions whose prediction is scored; None for one label per example.
+
+    For causal LMs (`shift_labels=True`) position t predicts label t+1, as in the model's own loss, and the last
+    position predicts nothing.
+    """
+    if labels is None or labels.dim() != 2:
+        return None
+    if not shift_labels:
+        return labels != IGNORE_INDEX
+    return torch.cat([labels[:, 1:] != IGNORE_INDEX, labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)], dim=1)
+
+
 def select_labelled_positions(
     logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: bool = False
 ) -> torch.Tensor:
     """Flatten `logits` to (positions, classes), keeping only positions whose label is not -100.
 
     For causal LMs (`shift_labels=True`) position t predicts label t+1, as in the model's own loss. For sequence or
-    image classification (one label per example) every example counts. Without labels every position counts.
+    image classification (one label per example) every example counts. Without labels every position counts (but
+    the last, for causal LMs). One gather from the model's logits: no shifted or flattened copy first.
     """
+    mask = scored_positions(labels, shift_labels) if labels is not None and labels.shape == logits.shape[:-1] else None
+    if mask is not None:
+        return logits.reshape(-1, logits.shape[-1])[mask.reshape(-1)]
     if shift_labels:
         logits = logits[..., :-1, :]
-        labels = labels[..., 1:] if labels is not None else None
-    flat = logits.reshape(-1, logits.shape[-1])
-    if labels is None or labels.dim() != logits.dim() - 1 or labels.shape != logits.shape[:-1]:
-        return flat
-    return flat[labels.reshape(-1) != IGNORE_INDEX]
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, peer_logits: torch.Tensor, loss_type: str = "kl", temperature: float = 1.0
+    student_logits: torch.Tensor,
+    peer_logits: torch.Tensor,
+    loss_type: str = "kl",
+    temperature: float = 1.0,
+    position_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D(student, peer) averaged over positions; logits are (positions, classes), the peer's carry no gradient.
 
@@ -36,6 +53,10 @@ def distillation_loss(
     - `ce`: T² · cross-entropy of softmax(student/T) against the peer's soft targets: the KL plus the peer's entropy,
       same gradient, but its value does not reach 0 when the models agree.
     - `mse`: mean squared error between the raw logits (temperature unused).
+
+    `position_mask` (positions,) keeps only the positions where it is True, like selecting them first but without
+    copying the logits (and, on GPU, without the host sync of a boolean index): for causal LMs, where nearly every
+    position carries a label.
     """
     if student_logits.shape[-1] != peer_logits.shape[-1]:
         raise ValueError(
@@ -43,48 +64,72 @@ def distillation_loss(
             f"{student_logits.shape[-1]} classes, its peer's {peer_logits.shape[-1]}. Give every group the same "
             "number of labels / vocabulary size."
         )
-    num_positions = student_logits.shape[0]
-    if num_positions == 0:
-        return student_logits.sum() * 0.0
-    if loss_type == "mse":
-        return F.mse_loss(student_logits.float(), peer_logits.detach().float())
-    if loss_type not in ("kl", "ce"):
+    if loss_type not in ("kl", "ce", "mse"):
         raise ValueError(f"Unknown `codistill_loss` {loss_type!r}: use 'kl', 'ce' or 'mse'.")
-    return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    if position_mask is not None:
+        position_mask = position_mask.reshape(-1, 1).to(student_logits.device)
+    if loss_type == "mse":
+        squared = (student_logits.float() - peer_logits.detach().float()) ** 2
+        if position_mask is None:
+            return squared.mean()
+        return (squared * position_mask).sum() / (position_mask.sum().clamp(min=1) * squared.shape[-1])
+    return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce", position_mask)
 
 
 # fp32 elements per chunk of positions (64 MB): a GPT-2 batch of 16 x 512 tokens would otherwise hold several
-# (positions x 50,257) fp32 tensors for the backward pass, more memory than the model's own activations.
+# (positions x 50,257) fp32 tensors at once, more memory than the model's own activations.
 _CHUNK_ELEMENTS = 1 << 24
 
 
 class _SoftTargetLoss(torch.autograd.Function):
     """T² / N · Σ_positions KL (or cross-entropy) of softmax(student / T) against softmax(peer / T), in fp32 chunks.
 
-    Saves only the two logit tensors in their own precision; the backward pass recomputes the softmaxes chunk by
-    chunk. The gradient, the same for KL and cross-entropy, is T / N · (softmax(student / T) - softmax(peer / T)).
+    One pass over the vocabulary: each chunk's softmaxes give both the loss and the gradient, which is the same for
+    KL and cross-entropy, T / N · (softmax(student / T) - softmax(peer / T)). Only that gradient is kept for the
+    backward pass, in the student's precision, so neither the peer's logits nor a copy of the student's outlive the
+    forward, and the backward pass only scales it. Products are taken in place in the chunk's buffers.
     """
 
     @staticmethod
-    def forward(ctx, student, peer, temperature: float, with_entropy: bool):
+    def forward(ctx, student, peer, temperature: float, with_entropy: bool, position_mask=None):
+        compute_dtype = torch.promote_types(student.dtype, torch.float32)
         rows = max(1, _CHUNK_ELEMENTS // student.shape[-1])
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for student_chunk, peer_chunk in zip(student.split(rows), peer.split(rows)):
-            student_log_probs = F.log_softmax(student_chunk.float() / temperature, dim=-1)
-            peer_log_probs = F.log_softmax(peer_chunk.float() / temperature, dim=-1)
+        total = torch.zeros((), dtype=compute_dtype, device=student.device)
+        grad = torch.empty_like(student)
+        masks = position_mask.split(rows) if position_mask is not None else [None] * len(grad.split(rows))
+        for student_chunk, peer_chunk, grad_chunk, mask in zip(student.split(rows), peer.split(rows),
+                                                                grad.split(rows), masks):
+            student_log_probs = F.log_softmax(_softened(student_chunk, compute_dtype, temperature), dim=-1)
+            peer_log_probs = F.log_softmax(_softened(peer_chunk, compute_dtype, temperature), dim=-1)
             target = peer_log_probs.exp()
-            total += (target * ((0 if with_entropy else peer_log_probs) - student_log_probs)).sum()
-        ctx.save_for_backward(student, peer)
-        ctx.temperature, ctx.rows = temperature, rows
-        return total * temperature**2 / student.shape[0]
+            if mask is not None:
+                target.mul_(mask)  # unscored positions: no target, so no loss
+            # Σ target · (log target - log student) (KL) or Σ -target · log student (CE), in the peer's buffer.
+            if with_entropy:
+                terms = torch.mul(student_log_probs, target, out=peer_log_probs).neg_()
+            else:
+                terms = peer_log_probs.sub_(student_log_probs).mul_(target)
+            total += terms.sum()
+            probs = student_log_probs.exp_()
+            if mask is not None:
+                probs.mul_(mask)  # ... and no gradient
+            grad_chunk.copy_(probs.sub_(target))
+        count = position_mask.sum().clamp(min=1) if position_mask is not None else student.shape[0]
+        ctx.save_for_backward(grad)
+        ctx.scale = temperature / count
+        return (total * temperature**2 / count).to(torch.float32)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        student, peer = ctx.saved_tensors
-        temperature, scale = ctx.temperature, grad_output * ctx.temperature / student.shape[0]
-        grads = [
-            ((F.softmax(s.float() / temperature, dim=-1) - F.softmax(p.float() / temperature, dim=-1)) * scale)
-            .to(student.dtype)
-            for s, p in zip(student.split(ctx.rows), peer.split(ctx.rows))
-        ]
-        return torch.cat(grads), None, None, None
+        (grad,) = ctx.saved_tensors
+        # In place: no second (positions x vocabulary) tensor at the start of the backward pass, where memory peaks.
+        # A second backward through the same graph would fail autograd's version check rather than go wrong.
+        return grad.mul_((grad_output * ctx.scale).to(grad.dtype)), None, None, None, None
+
+
+def _softened(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    logits = logits.to(dtype)
+    return logits if temperature == 1.0 else logits / temperature

@@ -54,6 +54,7 @@ from .checkpointing import (
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
 from .losses import distillation_loss, select_labelled_positions
+from .peer_forward import in_precision
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
 from .trainer import CodistillTrainer, _reload_renamed_weights
@@ -195,11 +196,12 @@ class PerModelSchedulers:
 
 
 class LocalPeers:
-    """What each model distils from: frozen copies refreshed every k steps, or (k = 1) the live models themselves."""
+    """What each model distils from: frozen copies (in `dtype` if given) refreshed every k steps, or (k = 1) the live
+    models themselves, which need no copies and keep their own precision."""
 
-    def __init__(self, models: list[nn.Module], live: bool):
+    def __init__(self, models: list[nn.Module], live: bool, dtype: torch.dtype | None = None):
         self.live = live
-        self.copies = None if live else [frozen_copy(model) for model in models]
+        self.copies = None if live else [frozen_copy(model, dtype) for model in models]
         self.last_exchange_step: int | None = None
         self.num_exchanges = 0
 
@@ -317,7 +319,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             CodistilledModels(models),
             self._group_args[0],
             *trainer_args,
-            compute_metrics=peer_compute_metrics(compute_metrics, shift_labels=self._causal_lm),
+            compute_metrics=peer_compute_metrics(compute_metrics, shift_labels=self._causal_lm,
+                                                 with_peer_metrics=args.codistill_peer_metrics),
             preprocess_logits_for_metrics=_per_model(preprocess_logits_for_metrics),
             **trainer_kwargs,
         )
@@ -520,7 +523,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         self._metrics_since_step = self.state.global_step
         if self._resume_checkpoint is None and self._shares_initialisation(models[0]):
             self._copy_initialisation()
-        self.peers = LocalPeers(models, live=self.args.codistill_sync_every == 1)
+        self.peers = LocalPeers(models, live=self.args.codistill_sync_every == 1, dtype=self.args.peer_torch_dtype)
         if self._resume_checkpoint is not None:
             checkpoints = [_sibling_checkpoint(self._resume_checkpoint, g) for g in range(len(models))]
             for checkpoint in checkpoints:
@@ -614,6 +617,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         if self.shared_batch and peer in self._shared_peer_logits:
             # One batch for all models: each peer's predictions on it serve every other model.
             return self._shared_peer_logits[peer]
+        if not self.peers.live:
+            peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
         with self.autocast_smart_context_manager(), _evaluating(self.peers.model(peer, self.models)) as model:
             logits = _logits_of(model(**peer_inputs), with_loss=False)
         if self.shared_batch:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import IGNORE_INDEX, select_labelled_positions
+from .losses import scored_positions, select_labelled_positions
 
 
-def scored_positions(labels: torch.Tensor | None, shift_labels: bool) -> torch.Tensor | None:
-    """(batch, positions) mask of the hidden states whose prediction is scored; None for one label per example."""
-    if labels is None or labels.dim() != 2:
-        return None
-    if not shift_labels:
-        return labels != IGNORE_INDEX
-    # Position t predicts label t + 1; the last position predicts nothing.
-    return torch.cat([labels[:, 1:] != IGNORE_INDEX, labels.new_zeros(labels.shape[0], 1, dtype=torch.bool)], dim=1)
+def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:
+    """`inputs` with its floating-point tensors (pixel values, input embeddings) in the peers' precision; token ids
+    and masks unchanged. A peer held in bfloat16 cannot take float32 pixels outside autocast."""
+    if dtype is None:
+        return inputs
+    return {
+        key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in inputs.items()
+    }
 
 
-def _logits(outputs) -> torch.Tensor:
+def logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
 
 
@@ -35,7 +36,7 @@ def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | 
     mask = scored_positions(labels, shift_labels)
     head = peer.get_output_embeddings() if mask is not None and hasattr(peer, "get_output_embeddings") else None
     if head is None:
-        return select_labelled_positions(_logits(peer(**inputs)), labels, shift_labels)
+        return select_labelled_positions(logits_of(peer(**inputs)), labels, shift_labels)
 
     def keep_scored(module, args):
         hidden = args[0]
@@ -45,7 +46,7 @@ def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | 
 
     handle = head.register_forward_pre_hook(keep_scored)
     try:
-        logits = _logits(peer(**inputs))
+        logits = logits_of(peer(**inputs))
     finally:
         handle.remove()
     if logits.dim() == 2:

@@ -73,14 +73,17 @@ def top1_agreement(
 
 
 def peer_compute_metrics(
-    compute_metrics: Callable[[EvalPrediction], dict] | None = None, shift_labels: bool = False
+    compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+    shift_labels: bool = False,
+    with_peer_metrics: bool = True,
 ) -> Callable[[EvalPrediction], dict[str, float]]:
     """A `compute_metrics` for an `EvalPrediction` whose `predictions` hold one entry per model.
 
     Returns `compute_metrics` of every model (model 0's also under the plain keys, as Trainer logs group 0), of the
     ensemble (`ensemble_<key>`), and the top-1 agreement. A model's entry is either logits (one more dimension than
     the labels) or top-1 ids (e.g. after `preprocess_logits_for_metrics` took the argmax); ids give agreement but no
-    ensemble. Set `shift_labels` for causal LMs, whose position t predicts label t + 1.
+    ensemble. Set `shift_labels` for causal LMs, whose position t predicts label t + 1. `with_peer_metrics=False`
+    (`codistill_peer_metrics=False`) keeps only each model's own metrics.
     """
 
     def compute(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -93,6 +96,8 @@ def peer_compute_metrics(
                 metrics.update({f"group_{group}/{key}": value for key, value in own.items()})
                 if group == 0:
                     metrics.update(own)
+        if not with_peer_metrics:
+            return metrics
         logits = [_first_output(p) for p in per_model]
         are_logits = labels is None or all(np.ndim(l) == np.ndim(labels) + 1 for l in logits)
         if are_logits and compute_metrics is not None:

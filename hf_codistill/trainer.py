@@ -30,10 +30,10 @@ from .checkpointing import (
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
-from .losses import distillation_loss, select_labelled_positions
+from .losses import distillation_loss, scored_positions, select_labelled_positions
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
-from .peer_forward import peer_logits_at_labels
+from .peer_forward import in_precision, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
 
@@ -226,7 +226,8 @@ class CodistillTrainer(Trainer):
     def _start_codistillation(self) -> None:
         """Build the peer copies: from the checkpoint when resuming, else by a first exchange."""
         model = self.model
-        self.peer_copies = PeerCopies(model, self.topology, sharded=self.args.codistill_sharded_exchange)
+        self.peer_copies = PeerCopies(model, self.topology, sharded=self.args.codistill_sharded_exchange,
+                                      dtype=self.args.peer_torch_dtype)
         self.peer_copies.check_same_architecture(model)
         step = self.state.global_step
         self._metrics_since_step = step
@@ -242,13 +243,9 @@ class CodistillTrainer(Trainer):
             if self.args.logs_param_distance and os.path.isfile(init_path):
                 self._init_params = load_file(init_path)
             return
-        self.peer_copies.exchange(model, step)
         if self._shares_initialisation(model):
-            reference = model if self.group_index == 0 else self.peer_copies.peers[0]
-            with torch.no_grad():
-                for target in [model, *self.peer_copies.models()]:
-                    if target is not reference:
-                        target.load_state_dict(reference.state_dict())
+            self.peer_copies.broadcast_model(model, source_group=0)
+        self.peer_copies.exchange(model, step)
         if self.args.logs_param_distance:
             self._init_params = self._snapshot_parameters()
         self._write_run_info()
@@ -307,14 +304,23 @@ class CodistillTrainer(Trainer):
         """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
         shift = self._is_causal_lm(model)
-        student = select_labelled_positions(student_logits, labels, shift_labels=shift)
-        terms = []
-        with torch.no_grad(), self.accelerator.autocast():
-            for peer in self.peer_copies.models():
-                terms.append(peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=shift))
+        peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
+        mask = scored_positions(labels, shift) if shift and labels is not None else None
+        if mask is not None and mask.shape == student_logits.shape[:-1]:
+            # A causal LM labels nearly every position: score them all and mask the few without a label, instead of
+            # gathering copies of the (positions x vocabulary) logits.
+            student, mask = student_logits.reshape(-1, student_logits.shape[-1]), mask.reshape(-1)
+            with torch.no_grad(), self.accelerator.autocast():
+                peers = [logits_of(peer(**peer_inputs)) for peer in self.peer_copies.models()]
+            peers = [logits.reshape(-1, logits.shape[-1]) for logits in peers]
+        else:
+            student, mask = select_labelled_positions(student_logits, labels, shift_labels=shift), None
+            with torch.no_grad(), self.accelerator.autocast():
+                peers = [peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=shift)
+                         for peer in self.peer_copies.models()]
         losses = [
-            distillation_loss(student, peer, self.args.codistill_loss, self.args.codistill_temperature)
-            for peer in terms
+            distillation_loss(student, peer, self.args.codistill_loss, self.args.codistill_temperature, mask)
+            for peer in peers
         ]
         return torch.stack(losses).mean()
 

@@ -1,6 +1,7 @@
 """Bad input gets an error that names the argument and the fix, before any process group exists."""
 
 import pytest
+import torch
 import torch.distributed as dist
 from transformers import Trainer
 
@@ -21,6 +22,7 @@ def make_args(tmp_path, **kwargs):
         ({"codistill_burn_in_steps": -1}, "`codistill_burn_in_steps` must be >= 0"),
         ({"codistill_alpha_warmup_steps": -3}, "`codistill_alpha_warmup_steps` must be >= 0"),
         ({"codistill": True, "num_groups": 1}, "`num_groups` must be >= 2"),
+        ({"codistill_peer_dtype": "int8"}, "`codistill_peer_dtype` must be one of float32, bfloat16, float16"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
@@ -58,9 +60,11 @@ def test_flags_reach_the_command_line():
 
     parser = HfArgumentParser(CodistillTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", "x", "--codistill_loss", "mse", "--codistill_sync_every", "7", "--codistill_alpha", "0.5"]
+        ["--output_dir", "x", "--codistill_loss", "mse", "--codistill_sync_every", "7", "--codistill_alpha", "0.5",
+         "--codistill_peer_dtype", "bfloat16"]
     )
     assert (args.codistill_loss, args.codistill_sync_every, args.codistill_alpha) == ("mse", 7, 0.5)
+    assert args.peer_torch_dtype is torch.bfloat16
     assert "Optimizer steps between two exchanges" in parser.format_help()
 
 

@@ -1,6 +1,7 @@
 """Codistillation across real processes: 4 CPU workers on gloo, tiny ViTs on scikit-learn's digits."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -70,6 +71,27 @@ def test_background_exchange_lands_one_step_later(tmp_path, launcher):
         assert [step for step in range(2, 9) if history[step] != history[step - 1]] == [4, 7]
         assert history[4] == own[peer_group][3] and history[7] == own[peer_group][6]
     assert (tmp_path / "out" / "group_1" / "checkpoint-4" / "codistill_state.json").is_file()
+
+
+def test_peers_in_bfloat16_with_a_shared_initialisation(tmp_path, launcher):
+    """`codistill_peer_dtype=bfloat16`: the peers hold each peer's weights rounded to bfloat16, the exchange moves half
+    the bytes, and a shared initialisation still starts both groups from group 0's exact float32 weights."""
+    ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--codistill_peer_dtype", "bfloat16", "--codistill_shared_init",
+                                 "true", "--output_dir", str(tmp_path / "out"), "--save_strategy", "no"],
+                     tmp_path / "results")
+    assert len({r["start_params"] for r in ranks}) == 1
+    assert len({r["final_params"] for r in ranks if r["group_index"] == 0} | {ranks[2]["final_params"]}) == 2
+    rounded = {r["group_index"]: {s["step"]: s["own_in_peer_dtype"] for s in r["steps"]} for r in ranks}
+    for rank in ranks:
+        steps = {s["step"]: s for s in rank["steps"]}
+        assert steps[8]["peer_dtypes"] == ["torch.bfloat16"]
+        peer_group = 1 - rank["group_index"]
+        assert steps[3]["peers"][str(peer_group)] == rounded[peer_group][3]
+        assert steps[6]["peers"][str(peer_group)] == rounded[peer_group][6]
+    model_bytes = sum(t.numel() * t.element_size() for t in exchanged_tensors(tiny_vit()).values())
+    sent = by_step(ranks[0]["log_history"], "group_0/peer_exchange_bytes_sent")
+    assert sent[8] == 3 * model_bytes // 2 // 2  # 3 exchanges of half a model per rank, in 2 bytes per value
+    assert all(math.isfinite(r["eval"]["eval_loss"]) for r in ranks)
 
 
 def test_logged_bytes_are_one_model_per_peer_per_exchange(codistill_run):

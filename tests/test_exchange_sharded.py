@@ -45,3 +45,21 @@ def test_exchange_in_the_background_applies_the_snapshot_at_finish(exchanged):
         assert overlap["in_flight"] == overlap["before"]
         assert overlap["applied"] and overlap["after"] == {g: snapshot[int(g)] for g in overlap["after"]}
         assert overlap["last_exchange_step"] == 5 and overlap["again"] is False
+
+
+def test_peers_in_bfloat16_halve_the_floating_point_bytes(exchanged):
+    num_groups, group_size, ranks = exchanged
+    own = {r["group_index"]: r["bfloat16"]["own"] for r in ranks}
+    # 40 float32 and 3 float64 values travel as one bfloat16 bucket; the 11 int64 values are not cast.
+    shard_bytes = sum(-(-numel // group_size) * size for numel, size in [(43, 2), (11, 8)])
+    for rank in ranks:
+        received = rank["bfloat16"]
+        assert received["peers"] == {str(g): own[g] for g in range(num_groups) if g != rank["group_index"]}
+        assert received["dtypes"] == ["torch.bfloat16", "torch.int64"]
+        assert received["bytes_sent"] == (num_groups - 1) * shard_bytes
+
+
+def test_shared_initialisation_broadcasts_group_0_at_full_precision(exchanged):
+    _, _, ranks = exchanged
+    group_0 = next(r["own"] for r in ranks if r["group_index"] == 0)
+    assert {r["broadcast"] for r in ranks} == {group_0}

@@ -120,3 +120,25 @@ def test_chunked_soft_target_loss_matches_autograd_of_the_formula(loss_type, mon
     (expected_grad,) = torch.autograd.grad(expected, reference_student)
     torch.testing.assert_close(value, expected.to(value.dtype))
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "ce", "mse"])
+def test_position_mask_equals_selecting_the_positions(batch, loss_type, monkeypatch):
+    """Masking unscored positions (the causal-LM path, no copies of the logits) gives the value and gradient of
+    selecting them first, also across chunks."""
+    import hf_codistill.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 5)
+    student, peer, labels = batch
+    mask = losses.scored_positions(labels, shift_labels=True)
+    masked_student = student.clone().requires_grad_(True)
+    masked = losses.distillation_loss(masked_student.reshape(-1, 5), peer.reshape(-1, 5), loss_type, 2.0,
+                                      position_mask=mask.reshape(-1))
+    masked.backward()
+    selected_student = student.clone().requires_grad_(True)
+    selected = losses.distillation_loss(select_labelled_positions(selected_student, labels, shift_labels=True),
+                                        select_labelled_positions(peer, labels, shift_labels=True), loss_type, 2.0)
+    selected.backward()
+    torch.testing.assert_close(masked, selected)
+    torch.testing.assert_close(masked_student.grad, selected_student.grad)
+    assert masked_student.grad[~mask].abs().max() == 0

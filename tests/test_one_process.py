@@ -104,6 +104,21 @@ def test_peers_stay_stale_until_every_kth_step(tmp_path):
     assert by_step(logs, "group_0/peer_exchanges")[7] == 3  # steps 0, 3 and 6
 
 
+def test_peer_copies_in_bfloat16_are_the_rounded_models(tmp_path):
+    train, _ = digits_dataset(64)
+    args = codistill_args(tmp_path, max_steps=4, codistill_sync_every=2, codistill_peer_dtype="bfloat16")
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=args, train_dataset=train)
+    rounded = []
+    trainer.add_callback(type("Rounded", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: rounded.append(
+        [checksum(p.to(torch.bfloat16) for p in m.parameters()) for m in trainer.models])})())
+    trainer.train()
+    assert {p.dtype for copy_ in trainer.peers.copies for p in copy_.parameters()} == {torch.bfloat16}
+    assert {p.dtype for model in trainer.models for p in model.parameters()} == {torch.float32}
+    assert [checksum(p.parameters()) for p in trainer.peers.copies] == rounded[3]  # refreshed at step 4
+    distill = by_step(trainer.state.log_history, "group_0/distill_loss")
+    assert len(distill) == 4 and all(0 < value < 10 for value in distill.values())
+
+
 def test_fresh_peers_are_the_live_models(tmp_path, monkeypatch):
     """k = 1 distils from the live models (no copies); that is the same as copies refreshed after every step."""
     train, _ = digits_dataset(64)
@@ -112,7 +127,7 @@ def test_fresh_peers_are_the_live_models(tmp_path, monkeypatch):
     live.train()
     assert live.peers.live and live.peers.copies is None
     local_peers = one_process.LocalPeers
-    monkeypatch.setattr(one_process, "LocalPeers", lambda models, live: local_peers(models, live=False))
+    monkeypatch.setattr(one_process, "LocalPeers", lambda models, live, dtype: local_peers(models, False, dtype))
     copied = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "copies", **args),
                               train_dataset=train)
     copied.train()

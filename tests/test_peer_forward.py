@@ -1,10 +1,13 @@
 """The peer's head runs on the labelled positions only, and gives exactly the logits a full forward selects."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
-from hf_codistill.losses import select_labelled_positions
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+from hf_codistill.losses import distillation_loss, select_labelled_positions
 from hf_codistill.peer_forward import peer_logits_at_labels
 
 
@@ -44,3 +47,24 @@ def test_classifiers_run_whole():
     with torch.no_grad():
         assert torch.equal(peer_logits_at_labels(model, {"pixel_values": pixels}, labels, shift_labels=False),
                            model(pixel_values=pixels).logits)
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2])
+def test_trainer_distillation_term_scores_the_labelled_positions(build, tmp_path):
+    """The trainer's term (MLM: gathered positions; causal LM: all positions, unlabelled ones masked) equals the
+    distillation loss between the full forwards at the labelled positions."""
+    torch.manual_seed(0)
+    student, causal = build()
+    peer, _ = build()
+    peer.eval()
+    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
+                                                                             report_to="none"))
+    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    ids = torch.randint(0, 100, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.5, ids, torch.full_like(ids, -100))
+    outputs = student(input_ids=ids)
+    term = trainer._distillation_term(student, outputs, {"input_ids": ids}, labels)
+    with torch.no_grad():
+        expected = distillation_loss(select_labelled_positions(outputs.logits, labels, causal),
+                                     select_labelled_positions(peer(input_ids=ids).logits, labels, causal))
+    torch.testing.assert_close(term, expected)

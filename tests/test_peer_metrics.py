@@ -51,6 +51,11 @@ def test_peer_compute_metrics_scores_each_model_and_the_ensemble():
     # Majority vote of the one-hot models: [1, 2, 0, *] -> all three labelled positions right.
     assert metrics["ensemble_accuracy"] == pytest.approx(1.0)
     assert metrics["agreement_mean"] == pytest.approx(5 / 9)
+    # `codistill_peer_metrics=False`: each model's own metrics only.
+    own_only = peer_compute_metrics(accuracy, with_peer_metrics=False)(
+        EvalPrediction(predictions=tuple(logits), label_ids=LABELS))
+    assert own_only == {key: metrics[key] for key in ("accuracy", "group_0/accuracy", "group_1/accuracy",
+                                                      "group_2/accuracy")}
 
 
 def test_causal_lm_positions_follow_the_shifted_labels():

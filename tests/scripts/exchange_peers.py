@@ -6,6 +6,7 @@ exchange splits it into buckets, and an odd number of values, so that shards nee
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -51,6 +52,19 @@ def main():
             "bytes_sent": peers.bytes_sent, "bytes_received": peers.bytes_received,
             "group_bytes_received": peers.group_bytes_received,
         }
+    # Peers held in bfloat16: the floating-point tensors travel and are stored in it, the integer buffer as it is.
+    peers = PeerCopies(model, topology, dtype=torch.bfloat16)
+    peers.exchange(model, step=0)
+    record["bfloat16"] = {
+        "own": checksum(copy.deepcopy(model).to(torch.bfloat16)),
+        "peers": {g: checksum(p) for g, p in peers.peers.items()},
+        "dtypes": sorted({str(t.dtype) for p in peers.models() for t in exchanged_tensors(p).values()}),
+        "bytes_sent": peers.bytes_sent,
+    }
+    # A shared initialisation: every group's model becomes group 0's, at full precision.
+    shared = copy.deepcopy(model)
+    peers.broadcast_model(shared, source_group=0)
+    record["broadcast"] = checksum(shared)
     # In the background: the snapshot taken at the start is what arrives, whatever training does meanwhile.
     peers = PeerCopies(model, topology)
     before = {g: checksum(p) for g, p in peers.peers.items()}

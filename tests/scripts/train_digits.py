@@ -60,9 +60,13 @@ class Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         record = {"step": state.global_step, "own": checksum(self.trainer.model.parameters())}
+        peer_dtype = getattr(args, "peer_torch_dtype", None)
+        if peer_dtype is not None:  # what the peers should hold of this model after an exchange
+            record["own_in_peer_dtype"] = checksum(p.to(peer_dtype) for p in self.trainer.model.parameters())
         peers = getattr(self.trainer, "peer_copies", None)
         if peers is not None:
             record["peers"] = {str(g): checksum(p.parameters()) for g, p in peers.peers.items()}
+            record["peer_dtypes"] = sorted({str(t.dtype) for p in peers.models() for t in p.parameters()})
         self.steps.append(record)
 
 
