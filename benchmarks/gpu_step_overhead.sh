@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Step overhead on one GPU (issue 6, part 1): plain Trainer step vs CodistillTrainer step, bf16, models built from
 # their configs on random data: BERT-base MLM 64x128, GPT-2 small CLM 16x512, ViT-base 128x224². Six fresh processes
-# (one per case and mode), 20 timed steps each after 5 warm-up steps; about 2-3 minutes on an H100, bounded to 280 s.
+# (one per case and mode), 20 timed steps each after 5 warm-up steps; about 2-3 minutes on an H100, bounded to 280 s;
+# then GPT-2 once more with bfloat16 peers (about a minute, bounded to 150 s).
 # Prints the Markdown table for benchmarks/README.md; the table and each process's JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_step_overhead}; mkdir -p "$OUT"
@@ -9,4 +10,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKEN
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 280 python3 benchmarks/step_overhead.py --device cuda --bf16 --steps 20 --warmup 5 --timeout 120 \
     --json "$OUT/step_overhead.json" 2>&1 | tee "$OUT/step_overhead.txt"
+echo "rc=${PIPESTATUS[0]}"
+# The case that decides the targets, once more with the peer held in bfloat16 (`--codistill_peer_dtype bfloat16`).
+timeout 150 python3 benchmarks/step_overhead.py --device cuda --bf16 --steps 20 --warmup 5 --timeout 70 \
+    --cases gpt2-clm --peer_dtype bfloat16 --json "$OUT/step_overhead_bf16_peers.json" 2>&1 \
+    | tee "$OUT/step_overhead_bf16_peers.txt"
 echo "rc=${PIPESTATUS[0]}"

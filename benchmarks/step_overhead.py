@@ -116,7 +116,7 @@ def measure(case: str, mode: str, args) -> dict:
     make_model, make_inputs, shape = build_case(case, args.size, device=device)
     training_args = CodistillTrainingArguments(
         output_dir=tempfile.mkdtemp(), use_cpu=not cuda, bf16=args.bf16, report_to="none", learning_rate=1e-4,
-        per_device_train_batch_size=1, disable_tqdm=True,
+        per_device_train_batch_size=1, disable_tqdm=True, codistill_peer_dtype=args.peer_dtype,
     )
     set_seed(0)
     model = make_model()
@@ -125,7 +125,7 @@ def measure(case: str, mode: str, args) -> dict:
     trainer.current_gradient_accumulation_steps = 1
     if mode == "codistill":
         set_seed(1)
-        peer = frozen_copy(make_model()).to(model.device)
+        peer = frozen_copy(make_model(), training_args.peer_torch_dtype).to(model.device)
         # The codistillation branch of `compute_loss`, with this process's one peer standing for the other group.
         trainer.codistilling = True
         trainer.peer_copies = _OnePeer([peer])
@@ -163,6 +163,7 @@ def run_child(case: str, mode: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", case, mode, "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke + ["--size", args.size]
+    command += ["--peer_dtype", args.peer_dtype] if args.peer_dtype else []
     # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed, so that the CPU's
     # peak RSS follows the tensors alive at once rather than what the allocator kept.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -183,6 +184,8 @@ def main():
                         "heads on small bodies, for a CPU.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (both modes).")
+    parser.add_argument("--peer_dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="`codistill_peer_dtype` of the codistillation step (default: the model's).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process.")
@@ -206,7 +209,8 @@ def main():
                      "plain_peak_bytes": plain["peak_bytes"], "codistill_peak_bytes": codistill["peak_bytes"],
                      "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"]})
     memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
-    print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, median of "
+    print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, peers: "
+          f"{args.peer_dtype or 'model precision'}, median of "
           f"{args.steps} steps; memory: {memory}")
     print("| case | batch | plain ms | codistill ms | ratio | plain peak MB | codistill peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")

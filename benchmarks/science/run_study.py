@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RECIPES = os.path.join(REPO, "recipes")
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
-PARTS = ("vit", "mlm", "sweeps", "precision")
+PARTS = ("vit", "mlm", "sweeps", "precision", "long")
 
 METHODS = {
     "allreduce": "all-reduce (1 model, DDP x4, batch B)",
@@ -75,6 +75,8 @@ PRESETS = {
         "full_train": 60000,
         "reduced_methods": ("allreduce", "codistill_wd"),
         "extra_methods": ("allreduce_wd",),
+        # The `long` part: the main ViT comparison with `long_factor` x the steps (does the gap close with training?).
+        "long_factor": 5, "long_seeds": 2,
     },
     "gpu": {
         # One GPU shared by the 4 processes (gloo between them; NCCL needs one GPU per rank). Wider, deeper models,
@@ -91,6 +93,7 @@ PRESETS = {
         "full_train": 60000,
         "reduced_methods": ("allreduce", "codistill", "codistill_wd"),
         "extra_methods": ("allreduce_wd",),
+        "long_factor": 3, "long_seeds": 2,
     },
     "smoke": {
         "vit": dict(dataset="digits", pd=8, steps=4, lr=2e-3, wd=0.1, warmup=0.0, eval_steps=2, logging_steps=1,
@@ -103,6 +106,7 @@ PRESETS = {
         "seeds": 1, "mlm_seeds": 1, "sweep_seeds": 1, "sync_every": 2, "ks": (), "reduce": 8, "full_train": 256,
         "extra_methods": (),
         "reduced_methods": (),
+        "long_factor": 2, "long_seeds": 1,
     },
 }
 
@@ -133,6 +137,15 @@ class Run:
     sync_every: int = 50
     max_train: int | None = None
     args: list[str] = field(default_factory=list)
+    steps: int | None = None  # None: the preset's
+
+
+def run_steps(run: Run, preset: dict) -> tuple[int, int]:
+    """A run's optimizer steps and evaluation period (a longer run evaluates as often in fractions of training)."""
+    size = preset[run.task]
+    if run.steps is None:
+        return size["steps"], size["eval_steps"]
+    return run.steps, max(1, run.steps * size["eval_steps"] // size["steps"])
 
 
 # ---- Commands ------------------------------------------------------------------------------------------------------
@@ -168,11 +181,12 @@ def method_args(method: str, sync_every: int, gpu: bool) -> list[str]:
 
 def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]:
     size = preset[run.task]
-    common = ["--do_train", "--do_eval", "--max_steps", str(size["steps"]),
+    steps, eval_steps = run_steps(run, preset)
+    common = ["--do_train", "--do_eval", "--max_steps", str(steps),
               "--per_device_train_batch_size", str(size["pd"]), "--per_device_eval_batch_size", str(size["eval_pd"]),
               "--learning_rate", str(size["lr"]), "--weight_decay", str(size["wd"]), "--lr_scheduler_type", "cosine",
               "--warmup_steps", str(size["warmup"]), "--eval_strategy", "steps",
-              "--eval_steps", str(size["eval_steps"]),
+              "--eval_steps", str(eval_steps),
               "--logging_steps", str(size["logging_steps"]), "--save_strategy", "no", "--report_to", "none",
               "--seed", str(run.seed), "--disable_tqdm", "true",
               "--max_eval_samples", str(size["max_eval"]), "--output_dir", output_dir]
@@ -239,10 +253,11 @@ def plan(preset: dict, parts: set[str], seeds: int, mlm_seeds: int) -> list[Run]
     runs: dict[str, Run] = {}
     k0 = preset["sync_every"]
 
-    def add(task, method, seed, study, sync_every=k0, max_train=None, tag=""):
+    def add(task, method, seed, study, sync_every=k0, max_train=None, tag="", steps=None):
         name = f"{task}{tag}_{method}" + (f"_k{sync_every}" if method.startswith(("codistill", "indep")) else "")
         name += f"_s{seed}"
-        run = runs.setdefault(name, Run(name, task, method, seed, sync_every=sync_every, max_train=max_train))
+        run = runs.setdefault(name, Run(name, task, method, seed, sync_every=sync_every, max_train=max_train,
+                                        steps=steps))
         run.studies.append(study)
 
     methods = ["allreduce", "codistill", "codistill_wd", "independent"]
@@ -261,6 +276,11 @@ def plan(preset: dict, parts: set[str], seeds: int, mlm_seeds: int) -> list[Run]
         for seed in range(seeds):
             for method in ("codistill", "codistill_bf16"):
                 add("vit", method, seed, "vit_precision")
+    if "long" in parts and preset.get("long_factor"):
+        steps = preset["vit"]["steps"] * preset["long_factor"]
+        for seed in range(preset["long_seeds"]):
+            for method in methods:
+                add("vit", method, seed, "vit_long", tag=f"-{steps}steps", steps=steps)
     if "sweeps" in parts:
         reduced = preset["full_train"] // preset["reduce"]
         for seed in range(preset["sweep_seeds"]):
@@ -306,7 +326,7 @@ def run_one(run: Run, preset: dict, mode: str, work_dir: str, results_dir: str, 
     wall = time.time() - start
     result = {"name": run.name, "task": run.task, "method": run.method, "seed": run.seed, "studies": run.studies,
               "sync_every": run.sync_every if run.method not in ("allreduce", "allreduce_wd") else None,
-              "max_train_samples": run.max_train, "steps": preset[run.task]["steps"],
+              "max_train_samples": run.max_train, "steps": run_steps(run, preset)[0],
               "per_device_batch": preset[run.task]["pd"], "command": key, "wall_s": round(wall, 1),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if returncode != 0:
@@ -421,7 +441,7 @@ def summarise(results: list[dict]) -> dict:
         for study in r["studies"]:
             by.setdefault(study, []).append(r)
     summary = {"failed": [r["name"] for r in results if not r.get("ok")], "tables": {}}
-    for study in ("vit_main", "mlm_main"):
+    for study in ("vit_main", "mlm_main", "vit_long"):
         rows = {}
         for method in METHODS:
             chosen = [r for r in by.get(study, []) if r["method"] == method]
@@ -674,7 +694,10 @@ def make_plots(results: list[dict], plots_dir: str, dataset: str = "fashion_mnis
     def study(name):
         return [r for r in ok if name in r["studies"]]
 
+    long_steps = next((r["steps"] for r in study("vit_long")), "longer")
+
     for name, title, mlm in (("vit_main", f"ViT on {dataset}, 4 workers, equal updates", False),
+                             ("vit_long", f"ViT on {dataset}, {long_steps} steps", False),
                              ("mlm_main", "BERT masked LM on Shakespeare, 4 workers, equal updates", True)):
         runs = study(name)
         if runs:
@@ -814,6 +837,16 @@ def report(results: list[dict], summary: dict, meta: dict, out: str, plots: list
                   "Paper: on 1/k of ImageNet (k x epochs) the gap to all-reduce moves in codistillation's favour; "
                   "IWSLT'14 De-En validation NLL 2.31 (codistill) vs 2.37 (all-reduce).", ""]
         lines += reduced_table(t["vit_reduced"]) + [""]
+    if t.get("vit_long"):
+        first = next(iter(t["vit_long"].values()))
+        long_steps = next(r["steps"] for r in results if r.get("ok") and "vit_long" in r["studies"])
+        lines += [f"### ViT: {long_steps} steps ({long_steps // sizes['vit']['steps']}x the main comparison, seeds "
+                  f"{', '.join(map(str, first['seeds']))})", "",
+                  "The main comparison's settings (LR schedule, weight decay, k, batch sizes) with more optimizer steps "
+                  "and evaluations at the same fractions of training: does the gap to all-reduce close as the models "
+                  "train longer, and does the weight-decay schedule matter then?", ""]
+        lines += main_table(t["vit_long"], mlm=False) + [""]
+        lines += claims_table(t["vit_long"], mlm=False) + [""]
     if t.get("vit_precision"):
         lines += ["### ViT: peer copies in bfloat16 (`--codistill_peer_dtype bfloat16`)", "",
                   "The main comparison's codistillation (constant WD) with the stale peers held and exchanged in "
