@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import SCALER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import find_batch_size
@@ -57,7 +57,7 @@ from .losses import distillation_loss, select_labelled_positions
 from .peer_forward import in_precision
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
-from .trainer import CodistillTrainer, _reload_renamed_weights
+from .trainer import CodistillTrainer, _CodistillCallback, _reload_renamed_weights
 
 RNG_STATE_NAME = "rng_state.pth"
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
@@ -260,23 +260,6 @@ def _sibling_checkpoint(checkpoint: str, group: int) -> str:
     return os.path.join(group_dir(root, group), os.path.basename(checkpoint))
 
 
-class _OneProcessCallback(TrainerCallback):
-    """Peers and checkpoint extras, on Trainer's events (as `_CodistillCallback` does in the distributed mode)."""
-
-    def __init__(self, trainer: OneProcessCodistillTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._start_codistillation()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.trainer.args.codistill_sync_every == 0:
-            self.trainer.peers.refresh(self.trainer.models, state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.trainer._complete_checkpoint()
-
-
 class OneProcessCodistillTrainer(CodistillTrainer):
     """Trains G codistilled models in one process; built by `CodistillTrainer(model=[m0, m1, ...], args=...)`.
 
@@ -336,7 +319,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         self._resume_checkpoint = None
         self._eval_losses: list[list[float]] = []
         self._shared_peer_logits: dict[int, torch.Tensor] = {}
-        self.add_callback(_OneProcessCallback(self))
+        self.add_callback(_CodistillCallback(self))
         self._add_weight_decay_schedule()
 
     @staticmethod
@@ -371,7 +354,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         if args.data_seed is not None:
             view.data_seed = args.data_seed + group
         view.output_dir = group_dir(args.output_dir, group)
-        # Rotation waits until every model has written the newer checkpoint (see `_complete_checkpoint`).
+        # Rotation waits until every model has written the newer checkpoint (see `_save_codistill_checkpoint`).
         view.save_total_limit = None
         if args.push_to_hub:
             base = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
@@ -773,7 +756,14 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         root = root or self.codistill_root
         write_run_info(root, self.args, self.num_groups, self.group_size, one_process=True)
 
-    def _complete_checkpoint(self) -> None:
+    def _refresh_peers(self, state, control) -> None:
+        if state.global_step % self.args.codistill_sync_every == 0:
+            self.peers.refresh(self.models, state.global_step)
+
+    def _finish_codistillation(self) -> None:
+        pass  # peers are refreshed in place, nothing in flight
+
+    def _save_codistill_checkpoint(self) -> None:
         """Give every model Trainer's state and RNG files, its peers and initial weights; then mark the step done."""
         if not self.args.should_save:
             return

@@ -52,7 +52,8 @@ def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
 
 
 class _CodistillCallback(TrainerCallback):
-    """Ties the peer exchange and the checkpoint extras to Trainer's step and save events.
+    """Ties the peers and the checkpoint extras to Trainer's events, through the trainer's `_start_codistillation`,
+    `_refresh_peers`, `_save_codistill_checkpoint` and `_finish_codistillation` (one process or several).
 
     `on_step_end` follows every optimizer update, skipped (fp16 overflow) or not, and `global_step` advances the
     same way in every group, so all ranks agree on when to exchange.
@@ -65,22 +66,13 @@ class _CodistillCallback(TrainerCallback):
         self.trainer._start_codistillation()
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer, peers = self.trainer, self.trainer.peer_copies
-        # A background exchange started at the previous step lands now, before anything reads the peers again.
-        peers.finish_exchange()
-        if state.global_step % trainer.args.codistill_sync_every != 0:
-            return
-        # Saves and the end of training need the peers settled: a resumed run must see the same peers.
-        if trainer.args.codistill_overlap_exchange and not (control.should_save or control.should_training_stop):
-            peers.start_exchange(trainer.model, state.global_step)
-        else:
-            peers.exchange(trainer.model, state.global_step)
+        self.trainer._refresh_peers(state, control)
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer._save_codistill_checkpoint()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.peer_copies.finish_exchange()
+        self.trainer._finish_codistillation()
 
 
 class _ParameterDistanceCallback(TrainerCallback):
@@ -249,6 +241,22 @@ class CodistillTrainer(Trainer):
         if self.args.logs_param_distance:
             self._init_params = self._snapshot_parameters()
         self._write_run_info()
+
+    def _refresh_peers(self, state, control) -> None:
+        """After every optimizer step: land a background exchange, and exchange every `codistill_sync_every` steps."""
+        peers = self.peer_copies
+        # A background exchange started at the previous step lands now, before anything reads the peers again.
+        peers.finish_exchange()
+        if state.global_step % self.args.codistill_sync_every != 0:
+            return
+        # Saves and the end of training need the peers settled: a resumed run must see the same peers.
+        if self.args.codistill_overlap_exchange and not (control.should_save or control.should_training_stop):
+            peers.start_exchange(self.model, state.global_step)
+        else:
+            peers.exchange(self.model, state.global_step)
+
+    def _finish_codistillation(self) -> None:
+        self.peer_copies.finish_exchange()
 
     def _snapshot_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
