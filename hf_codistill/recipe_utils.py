@@ -11,12 +11,13 @@ import datasets
 import evaluate
 import numpy as np
 import transformers
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 
 from .checkpointing import get_last_checkpoint, group_dir
 from .config import CodistillTrainingArguments
 from .metrics import metric_path
+from .topology import launched_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,24 @@ def setup_logging(training_args: CodistillTrainingArguments) -> None:
         f"Process {group}rank {training_args.process_index}/{training_args.world_size}, device: "
         f"{training_args.device}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
     )
+
+
+def build_models(training_args: CodistillTrainingArguments, build):
+    """This process's model, `build()` under its group's seed (seed + group, so groups start from different random
+    weights unless the model is pre-trained).
+
+    With `--codistill` in a single process (no launcher: a notebook-like run on one device) it returns all
+    `num_groups` models, model g built under seed + g, and `CodistillTrainer` trains them side by side in the process.
+    """
+    if training_args.codistill and launched_world_size() == 1:
+        logger.info(f"One process: training all {training_args.num_groups} codistilled models in it.")
+        models = []
+        for group in range(training_args.num_groups):
+            set_seed(training_args.seed + group)
+            models.append(build())
+        return models
+    set_seed(training_args.group_seed)
+    return build()
 
 
 def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | None:

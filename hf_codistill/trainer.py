@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.utils import SAFE_WEIGHTS_NAME
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .checkpointing import (
     INIT_NAME,

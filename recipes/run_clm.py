@@ -17,13 +17,14 @@ import logging
 import os
 import sys
 
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, GPT2Config, set_seed
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, GPT2Config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_codistill import CodistillTrainer  # noqa: E402
 from hf_codistill.data import gpt2_bpe_tokenizer  # noqa: E402
 from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
 from hf_codistill.recipe_utils import (  # noqa: E402
+    build_models,
     parse_recipe_args,
     publish,
     setup_logging,
@@ -63,10 +64,8 @@ def main():
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.model_name_or_path is None and model_args.config_name is None:
         logger.info("No model given: training a small GPT-2 from scratch (see `--config_overrides`).")
-    # Groups start from different random weights (seed + group) unless the model is pre-trained.
-    set_seed(training_args.group_seed)
-    model = build_language_model(model_args, AutoModelForCausalLM, tokenizer,
-                                 default_config=small_gpt2_config(data_args.max_seq_length))
+    model = build_models(training_args, lambda: build_language_model(
+        model_args, AutoModelForCausalLM, tokenizer, default_config=small_gpt2_config(data_args.max_seq_length)))
 
     lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)
     train_dataset = truncate(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None

@@ -14,8 +14,6 @@ import logging
 import os
 import sys
 
-from transformers import set_seed
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_codistill import CodistillTrainer  # noqa: E402
 from hf_codistill.image_pipeline import (  # noqa: E402
@@ -27,6 +25,7 @@ from hf_codistill.image_pipeline import (  # noqa: E402
 )
 from hf_codistill.recipe_args import ImageDataArguments, ModelArguments  # noqa: E402
 from hf_codistill.recipe_utils import (  # noqa: E402
+    build_models,
     classification_metrics,
     parse_recipe_args,
     publish,
@@ -50,10 +49,9 @@ def main():
     num_channels = 1 if first_image.mode in ("L", "1", "I", "F") else 3
     mean, std, image_size = normalisation(model_args, num_channels, first_image.size[0], data_args.image_size)
 
-    # Different groups start from different random weights (seed + group); a pre-trained model starts them equal.
-    set_seed(training_args.group_seed)
-    model = build_image_classifier(model_args, labels, image_size, num_channels)
-    transform = ImageTransform(mean, std, image_size, model.config.num_channels,
+    model = build_models(training_args, lambda: build_image_classifier(model_args, labels, image_size, num_channels))
+    config = (model[0] if isinstance(model, list) else model).config
+    transform = ImageTransform(mean, std, image_size, config.num_channels,
                                crop_padding=data_args.random_crop_padding, flip=data_args.random_flip)
     columns = (data_args.image_column_name, data_args.label_column_name)
 

@@ -16,13 +16,14 @@ import logging
 import os
 import sys
 
-from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, set_seed
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_codistill import CodistillTrainer  # noqa: E402
 from hf_codistill.data import minilm_path  # noqa: E402
 from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
 from hf_codistill.recipe_utils import (  # noqa: E402
+    build_models,
     parse_recipe_args,
     publish,
     setup_logging,
@@ -59,9 +60,7 @@ def main():
     if tokenizer.mask_token is None:
         raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token, which masked-LM training needs; "
                          "use run_clm.py for causal LMs or a tokenizer with a [MASK] token.")
-    # Groups start from different random weights (seed + group) unless the model is pre-trained.
-    set_seed(training_args.group_seed)
-    model = build_language_model(model_args, AutoModelForMaskedLM, tokenizer)
+    model = build_models(training_args, lambda: build_language_model(model_args, AutoModelForMaskedLM, tokenizer))
 
     lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)
     train_dataset = truncate(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None

@@ -102,6 +102,24 @@ def test_recipe_plain_trainer(recipe, tmp_path):
     assert not (out / "group_0").exists()
 
 
+@pytest.mark.parametrize("recipe", ["run_image_classification.py", "run_clm.py"])
+def test_recipe_codistilled_in_one_process(recipe, tmp_path):
+    """`--codistill` without a launcher trains all G models side by side in the one process."""
+    out = tmp_path / "one"
+    proc = subprocess.run([sys.executable, str(RECIPES / recipe), *COMMON, *ARGS[recipe], "--codistill",
+                           "--codistill_sync_every", "2", "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "One process: training all 2 codistilled models in it." in proc.stdout + proc.stderr
+    assert json.loads((out / "codistill.json").read_text())["one_process"] is True
+    results = json.loads((out / "group_0" / "eval_results.json").read_text())  # Trainer's files, per group
+    assert 0 <= results["group_1/eval_accuracy"] <= 1 and 0 <= results["eval_agreement_mean"] <= 1
+    models = [MODEL_CLASS[recipe].from_pretrained(out / f"group_{g}") for g in (0, 1)]
+    # Built under seeds 42 and 43: the two models started, and ended, apart.
+    assert not torch.equal(next(models[0].parameters()), next(models[1].parameters()))
+    assert "Codistillation" in (out / "group_1" / "README.md").read_text()
+
+
 def _run_main(recipe, monkeypatch, *args):
     module = _import_recipe(recipe)
     monkeypatch.setattr(sys, "argv", [f"{recipe}.py", *args])
