@@ -686,6 +686,16 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     # ---- Saving ---------------------------------------------------------------------------------------------
 
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """`<split>_results.json` in every model's folder, with that model's metrics under the plain keys (as each
+        group writes its own in the distributed mode) and the ensemble's and agreement's beside them."""
+        shared = {key: value for key, value in metrics.items() if not key.startswith("group_")}
+        for group in range(self.num_groups):
+            prefix = f"group_{group}/"
+            own = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
+            with self._as_group(group):
+                Trainer.save_metrics(self, split, {**shared, **own}, combined)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save model g to `<output_dir>/group_<g>` for every g, and model 0 to `<output_dir>` as well."""
         if self._active_group is not None:

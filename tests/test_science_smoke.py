@@ -55,3 +55,22 @@ def test_science_study_smoke(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "README.md").read_text() == readme
+
+
+def test_science_study_single_process_smoke(tmp_path):
+    """`--single_process` (what `--gpu` does on one GPU): every run is one process, all-reduce on batch B and the
+    codistilled pair in the recipe's one-process mode on B/2 each."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(STUDY), "--smoke", "--single_process", "--out", str(tmp_path)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    allreduce = json.loads((tmp_path / "results" / "vit_allreduce_s0.json").read_text())
+    codistill = json.loads((tmp_path / "results" / "vit_codistill_wd_k2_s0.json").read_text())
+    assert allreduce["command"].startswith("python recipes/") and "--per_device_train_batch_size 32" in allreduce[
+        "command"]
+    assert "--codistill " in codistill["command"] and "--per_device_train_batch_size 16" in codistill["command"]
+    assert len(allreduce["models"]) == 1 and len(codistill["models"]) == 2
+    assert 0 <= codistill["agreement"] <= 1
+    assert all(_finite(m["eval_loss"]) and m["curves"]["step"][-1] == 4 for m in codistill["models"])

@@ -8,7 +8,8 @@ independent models, at equal workers (4 processes) and equal updates per worker,
     python benchmarks/science/run_study.py --smoke --out /tmp/s   # a few steps of 2 runs (the test suite's run)
     python benchmarks/science/run_study.py --gpu --dry-run   # print the larger single-GPU study's commands
 
-Every run launches a recipe with `accelerate launch --multi_gpu --num_processes 4`:
+Every run launches a recipe with `accelerate launch --multi_gpu --num_processes 4` (`--gpu`, `--single_process`: as
+one process, see below):
 
 - all-reduce: the plain recipe (no `--codistill`): one model, DDP over 4 processes, batch B = 4 x per-device;
 - codistill: `--codistill --num_groups 2`: 2 models, each DDP over 2 processes, batch B/2 per model;
@@ -21,6 +22,11 @@ metrics are read from its `trainer_state.json` / `eval_results.json` and written
 `results/summary.json` holds the aggregated tables; `plots/*.png` the curves; README.md's generated section the
 tables (between the `<!-- study:begin -->` / `<!-- study:end -->` markers, so the prose around them stays).
 A run whose results file exists with the same command is not run again (delete it, or `--force`).
+
+On one GPU (`--gpu`) the 4 workers are emulated in one process per run, so no two processes share the device:
+all-reduce is one model on batch B (what DDP over 4 workers of B/4 computes), and codistillation the recipe's
+one-process mode (`--codistill` without a launcher: 2 models side by side, B/2 each). `--single_process` does the
+same on the CPU (the test suite's check of that path).
 """
 
 from __future__ import annotations
@@ -179,11 +185,19 @@ def method_args(method: str, sync_every: int, gpu: bool) -> list[str]:
     return args
 
 
+def single_process(mode: str) -> bool:
+    """Whether runs emulate the 4 workers in one process (`gpu`, `cpu1`) rather than launch 4 (`cpu`)."""
+    return mode in ("gpu", "cpu1")
+
+
 def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]:
     size = preset[run.task]
     steps, eval_steps = run_steps(run, preset)
+    per_device = size["pd"]
+    if single_process(mode):  # one process stands for the 4 workers: all-reduce B = 4 pd, each codistilled model 2 pd
+        per_device *= 4 if run.method.startswith("allreduce") else 2
     common = ["--do_train", "--do_eval", "--max_steps", str(steps),
-              "--per_device_train_batch_size", str(size["pd"]), "--per_device_eval_batch_size", str(size["eval_pd"]),
+              "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", str(size["eval_pd"]),
               "--learning_rate", str(size["lr"]), "--weight_decay", str(size["wd"]), "--lr_scheduler_type", "cosine",
               "--warmup_steps", str(size["warmup"]), "--eval_strategy", "steps",
               "--eval_steps", str(eval_steps),
@@ -191,9 +205,7 @@ def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]
               "--seed", str(run.seed), "--disable_tqdm", "true",
               "--max_eval_samples", str(size["max_eval"]), "--output_dir", output_dir]
     if mode == "gpu":
-        # NCCL refuses two ranks on one GPU: with fewer than 4 GPUs the processes share them and talk over gloo.
-        backend = "nccl" if gpu_count() >= 4 else "gloo"
-        common += ["--bf16", "--ddp_backend", os.environ.get("STUDY_DDP_BACKEND", backend)]
+        common += ["--bf16"]
     if run.task == "vit":
         script = os.path.join(RECIPES, "run_image_classification.py")
         data = ["--dataset_name", size["dataset"]]
@@ -211,16 +223,9 @@ def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]
     return [script, *model, *data, *common, *method_args(run.method, run.sync_every, mode == "gpu"), *size["extra"]]
 
 
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
-
-
-def launch_command(args: list[str]) -> list[str]:
+def launch_command(args: list[str], mode: str = "cpu") -> list[str]:
+    if single_process(mode):
+        return [sys.executable, *args]
     accelerate = shutil.which("accelerate") or "accelerate"
     return [accelerate, "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "1", "--mixed_precision",
             "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
@@ -228,7 +233,8 @@ def launch_command(args: list[str]) -> list[str]:
 
 def shown(command: list[str], output_dir: str) -> str:
     """The command as README prints it: repository-relative paths, `<run dir>` for the output folder."""
-    text = " ".join(["accelerate" if c == shutil.which("accelerate") else c for c in command])
+    text = " ".join(["accelerate" if c == shutil.which("accelerate") else "python" if c == sys.executable else c
+                     for c in command])
     text = text.replace(REPO + os.sep, "")
     with contextlib.suppress(ModuleNotFoundError):  # MLM model not installed: nothing to shorten
         text = text.replace(minilm_path(), "$MINILM")
@@ -237,8 +243,10 @@ def shown(command: list[str], output_dir: str) -> str:
 
 def run_key(command: list[str], output_dir: str) -> str:
     """What identifies a run's settings: its command without the (random) port."""
-    i = command.index("--main_process_port")
-    return normalised(shown(command[:i] + command[i + 2 :], output_dir))
+    if "--main_process_port" in command:
+        i = command.index("--main_process_port")
+        command = command[:i] + command[i + 2 :]
+    return normalised(shown(command, output_dir))
 
 
 def normalised(command: str) -> str:
@@ -294,7 +302,7 @@ def plan(preset: dict, parts: set[str], seeds: int, mlm_seeds: int) -> list[Run]
 
 def run_one(run: Run, preset: dict, mode: str, work_dir: str, results_dir: str, force: bool, timeout: int) -> dict:
     output_dir = os.path.join(work_dir, run.name)
-    command = launch_command(recipe_args(run, preset, mode, output_dir))
+    command = launch_command(recipe_args(run, preset, mode, output_dir), mode)
     key = run_key(command, output_dir)
     path = os.path.join(results_dir, f"{run.name}.json")
     if not force and os.path.isfile(path):
@@ -305,15 +313,12 @@ def run_one(run: Run, preset: dict, mode: str, work_dir: str, results_dir: str, 
             return {**previous, "reused": True}
     shutil.rmtree(output_dir, ignore_errors=True)
     os.makedirs(output_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not single_process(mode):
+        env["OMP_NUM_THREADS"] = "1"  # 4 processes on the cores
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
         env.pop(name, None)
-    if mode == "gpu" and gpu_count() < 4:
-        # accelerate maps local rank r to GPU r % count, but wraps DDP with device_ids=[r], which does not exist when
-        # 4 processes share fewer GPUs (IndexError in DDP's forward, seen on one H100). Without device ids, DDP
-        # uses the module's own device.
-        env["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
     print(f"[study] {run.name}: running ...", flush=True)
     start = time.time()
     log_path = os.path.join(output_dir, "log.txt")
@@ -919,7 +924,10 @@ def build_report(out: str, meta: dict, results: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few steps of one all-reduce and one codistill run")
-    parser.add_argument("--gpu", action="store_true", help="larger models and runs for one GPU (bf16)")
+    parser.add_argument("--gpu", action="store_true", help="larger models and runs for one GPU (bf16, one process "
+                        "per run)")
+    parser.add_argument("--single_process", action="store_true",
+                        help="on the CPU, emulate the 4 workers in one process per run as --gpu does")
     parser.add_argument("--only", default="vit,mlm,sweeps,precision",
                         help="comma-separated parts: vit, mlm, sweeps, precision")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the main ViT comparison")
@@ -943,8 +951,8 @@ def main(argv=None) -> int:
         for task in ("vit", "mlm"):
             preset[task].update(steps=args.steps, eval_steps=max(1, args.steps // 4),
                                 logging_steps=max(1, min(preset[task]["logging_steps"], args.steps // 10)))
-    # How runs launch: on a GPU (bf16, gloo between the processes that share it) or on the CPU (--use_cpu).
-    mode = "gpu" if args.gpu else "cpu"
+    # How runs launch: 4 processes on the CPU, or one process per run standing for the 4 workers (GPU, or CPU check).
+    mode = "gpu" if args.gpu else "cpu1" if args.single_process else "cpu"
     out = os.path.abspath(args.out or (os.path.join(HERE, "runs", "smoke") if args.smoke else HERE))
     work_dir = os.path.abspath(args.work_dir or os.path.join(out, "runs"))
     results_dir = os.path.join(out, "results")
@@ -967,14 +975,14 @@ def main(argv=None) -> int:
             parser.error(f"--methods: unknown {', '.join(sorted(chosen - set(METHODS)))}; choose from "
                          f"{', '.join(METHODS)}")
         runs = [r for r in runs if r.method in chosen]
-    keys = {r.name: run_key(launch_command(recipe_args(r, preset, mode, os.path.join(work_dir, r.name))),
+    keys = {r.name: run_key(launch_command(recipe_args(r, preset, mode, os.path.join(work_dir, r.name)), mode),
                             os.path.join(work_dir, r.name)) for r in everything}
 
     if args.dry_run:
         for run in runs:
             output_dir = os.path.join(work_dir, run.name)
             print(f"# {run.name} ({', '.join(run.studies)})")
-            print(shown(launch_command(recipe_args(run, preset, mode, output_dir)), output_dir) + "\n")
+            print(shown(launch_command(recipe_args(run, preset, mode, output_dir), mode), output_dir) + "\n")
         return 0
     os.makedirs(results_dir, exist_ok=True)
     meta_path = os.path.join(results_dir, "meta.json")
