@@ -687,14 +687,20 @@ class OneProcessCodistillTrainer(CodistillTrainer):
     # ---- Saving ---------------------------------------------------------------------------------------------
 
     def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
-        """`<split>_results.json` in every model's folder, with that model's metrics under the plain keys (as each
-        group writes its own in the distributed mode) and the ensemble's and agreement's beside them."""
-        shared = {key: value for key, value in metrics.items() if not key.startswith("group_")}
+        """`<split>_results.json` in every model's folder, as each group writes its own in the distributed mode.
+
+        Model 0's folder gets `metrics` as they are (its own under the plain keys, every model's under `group_<g>/`);
+        model g's gets its `group_<g>/` metrics under the plain keys, beside the run's shared ones (ensemble,
+        agreement, runtime). Plain keys that are model 0's alone (Trainer's `train_loss`) are left out of the others.
+        """
+        model_zero = {key[len("group_0/"):] for key in metrics if key.startswith("group_0/")} | {"train_loss"}
+        shared = {key: value for key, value in metrics.items()
+                  if not key.startswith("group_") and key not in model_zero}
         for group in range(self.num_groups):
             prefix = f"group_{group}/"
             own = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
             with self._as_group(group):
-                Trainer.save_metrics(self, split, {**shared, **own}, combined)
+                Trainer.save_metrics(self, split, metrics if group == 0 else {**shared, **own}, combined)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save model g to `<output_dir>/group_<g>` for every g, and model 0 to `<output_dir>` as well."""

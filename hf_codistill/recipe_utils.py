@@ -140,8 +140,10 @@ def train_and_evaluate(trainer, training_args: CodistillTrainingArguments, num_t
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = num_eval
-        if perplexity:
-            metrics["perplexity"] = math.exp(metrics["eval_loss"]) if metrics["eval_loss"] < 700 else float("inf")
+        if perplexity:  # of this model, and of each model in the one-process mode (`group_<g>/eval_loss`)
+            for key in [key for key in metrics if key == "eval_loss" or key.endswith("/eval_loss")]:
+                loss = metrics[key]
+                metrics[key[: -len("eval_loss")] + "perplexity"] = math.exp(loss) if loss < 700 else float("inf")
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     return metrics

@@ -1,6 +1,7 @@
 """The recipes end to end on their built-in offline data, codistilled under a launcher and plain, and their errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -114,7 +115,12 @@ def test_recipe_codistilled_in_one_process(recipe, tmp_path):
     assert json.loads((out / "codistill.json").read_text())["one_process"] is True
     results = [json.loads((out / f"group_{g}" / "eval_results.json").read_text()) for g in (0, 1)]
     assert results[0]["eval_loss"] != results[1]["eval_loss"]  # each model's own metrics in its folder
+    assert results[1]["eval_loss"] == results[0]["group_1/eval_loss"]
     assert all(0 <= r["eval_accuracy"] <= 1 and 0 <= r["eval_agreement_mean"] <= 1 for r in results)
+    if recipe == "run_clm.py":
+        assert [r["perplexity"] for r in results] == pytest.approx([math.exp(r["eval_loss"]) for r in results])
+    assert "train_loss" in json.loads((out / "group_0" / "train_results.json").read_text())
+    assert "train_loss" not in json.loads((out / "group_1" / "train_results.json").read_text())
     models = [MODEL_CLASS[recipe].from_pretrained(out / f"group_{g}") for g in (0, 1)]
     # Built under seeds 42 and 43: the two models started, and ended, apart.
     assert not torch.equal(next(models[0].parameters()), next(models[1].parameters()))
