@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -160,10 +161,26 @@ def init_groups(num_groups: int, backend: str | None = None, timeout: timedelta 
     return _TOPOLOGY
 
 
-def destroy_groups() -> None:
-    """Tear down the group's process group (registered at exit; safe to call twice)."""
+def destroy_groups(leave_timeout: float = 60.0) -> None:
+    """Tear down the groups (registered at exit; safe to call twice).
+
+    World rank 0 leaves last: under a plain `env://` launch it hosts the store, and a rank that loses the store while
+    its own teardown still talks to it aborts. The others tell it they are leaving; it waits for them, at most
+    `leave_timeout` seconds (a crashed rank never tells).
+    """
     global _TOPOLOGY
+    topology, _TOPOLOGY = _TOPOLOGY, None
+    if topology is not None:
+        key = f"{_STORE_PREFIX}/leaving"
+        try:
+            if not topology.is_world_zero:
+                topology.store.add(key, 1)
+            else:
+                deadline = time.monotonic() + leave_timeout
+                while topology.store.add(key, 0) < topology.world_size - 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - the store may already be gone; leaving is all that is left to do
+            pass
     if dist.is_initialized():
         dist.destroy_process_group()
-    _TOPOLOGY = None
 
