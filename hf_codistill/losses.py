@@ -66,15 +66,22 @@ def distillation_loss(
         )
     if loss_type not in ("kl", "ce", "mse"):
         raise ValueError(f"Unknown `codistill_loss` {loss_type!r}: use 'kl', 'ce' or 'mse'.")
+    if peer_logits.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"The peer's logits cover {peer_logits.shape[0]} positions, this model's "
+                         f"{student_logits.shape[0]}: both must be taken at the same positions.")
+    if position_mask is not None and position_mask.numel() != student_logits.shape[0]:
+        raise ValueError(f"`position_mask` has {position_mask.numel()} entries for {student_logits.shape[0]} positions.")
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     if position_mask is not None:
-        position_mask = position_mask.reshape(-1, 1).to(student_logits.device)
+        position_mask = position_mask.reshape(-1, 1).to(device=student_logits.device, dtype=torch.bool)
     if loss_type == "mse":
-        squared = (student_logits.float() - peer_logits.detach().float()) ** 2
+        difference = student_logits.float() - peer_logits.detach().float()
         if position_mask is None:
-            return squared.mean()
-        return (squared * position_mask).sum() / (position_mask.sum().clamp(min=1) * squared.shape[-1])
+            return difference.pow(2).mean()
+        # Masked before squaring, so that unscored positions pass no gradient even when they hold inf or NaN.
+        difference = difference.masked_fill(~position_mask, 0.0)
+        return difference.pow(2).sum() / (position_mask.sum().clamp(min=1) * difference.shape[-1])
     return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce", position_mask)
 
 
@@ -104,30 +111,32 @@ class _SoftTargetLoss(torch.autograd.Function):
             student_log_probs = F.log_softmax(_softened(student_chunk, compute_dtype, temperature), dim=-1)
             peer_log_probs = F.log_softmax(_softened(peer_chunk, compute_dtype, temperature), dim=-1)
             target = peer_log_probs.exp()
-            if mask is not None:
-                target.mul_(mask)  # unscored positions: no target, so no loss
             # Σ target · (log target - log student) (KL) or Σ -target · log student (CE), in the peer's buffer.
             if with_entropy:
                 terms = torch.mul(student_log_probs, target, out=peer_log_probs).neg_()
             else:
                 terms = peer_log_probs.sub_(student_log_probs).mul_(target)
-            total += terms.sum()
-            probs = student_log_probs.exp_()
+            gradient = student_log_probs.exp_().sub_(target)
             if mask is not None:
-                probs.mul_(mask)  # ... and no gradient
-            grad_chunk.copy_(probs.sub_(target))
+                # Unscored positions: no loss and no gradient, whatever their logits hold (inf or NaN included).
+                unscored = ~mask
+                terms.masked_fill_(unscored, 0.0)
+                gradient.masked_fill_(unscored, 0.0)
+            total += terms.sum()
+            grad_chunk.copy_(gradient)
         count = position_mask.sum().clamp(min=1) if position_mask is not None else student.shape[0]
         ctx.save_for_backward(grad)
         ctx.scale = temperature / count
-        return (total * temperature**2 / count).to(torch.float32)
+        return total * temperature**2 / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         # In place: no second (positions x vocabulary) tensor at the start of the backward pass, where memory peaks.
-        # A second backward through the same graph would fail autograd's version check rather than go wrong.
-        return grad.mul_((grad_output * ctx.scale).to(grad.dtype)), None, None, None, None
+        # A second backward through the same graph would fail autograd's version check rather than go wrong. The
+        # factor stays in fp32: an fp16 loss scale times T / N can exceed fp16's range although the product does not.
+        return grad.mul_(grad_output * ctx.scale), None, None, None, None
 
 
 def _softened(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The distillation term compares predictions at the positions that carry a label (masked tokens for MLM, next tokens
 for causal LMs, every example for classification). For language models most of a forward pass past the encoder is
 the vocabulary projection, so the peer runs its output head (`get_output_embeddings()`) on the labelled positions
-only: with 15% masking, an MLM peer projects 15% of the tokens.
+only: with 15% masking, an MLM peer projects 15% of the tokens. (Causal LMs label nearly every position; for them
+`CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead.)
 """
 
 from __future__ import annotations

@@ -165,22 +165,23 @@ def destroy_groups(leave_timeout: float = 60.0) -> None:
     """Tear down the groups (registered at exit; safe to call twice).
 
     World rank 0 leaves last: under a plain `env://` launch it hosts the store, and a rank that loses the store while
-    its own teardown still talks to it aborts. The others tell it they are leaving; it waits for them, at most
-    `leave_timeout` seconds (a crashed rank never tells).
+    its own teardown still talks to it aborts. Every other rank tears its process groups down, then tells rank 0 it
+    is leaving; rank 0 waits for them, at most `leave_timeout` seconds (a crashed rank never tells).
     """
     global _TOPOLOGY
     topology, _TOPOLOGY = _TOPOLOGY, None
-    if topology is not None:
-        key = f"{_STORE_PREFIX}/leaving"
-        try:
-            if not topology.is_world_zero:
-                topology.store.add(key, 1)
-            else:
-                deadline = time.monotonic() + leave_timeout
-                while topology.store.add(key, 0) < topology.world_size - 1 and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        except Exception:  # noqa: BLE001 - the store may already be gone; leaving is all that is left to do
-            pass
     if dist.is_initialized():
         dist.destroy_process_group()
-
+    if topology is None:
+        return
+    store, key = topology.store, topology._next_key("leaving")
+    topology.column = None  # the last reference: the column's process group goes now, not at interpreter exit
+    try:
+        if not topology.is_world_zero:
+            store.add(key, 1)
+            return
+        deadline = time.monotonic() + leave_timeout
+        while store.add(key, 0) < topology.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store may already be gone; leaving is all that is left to do
+        pass

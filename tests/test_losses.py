@@ -142,3 +142,36 @@ def test_position_mask_equals_selecting_the_positions(batch, loss_type, monkeypa
     torch.testing.assert_close(masked, selected)
     torch.testing.assert_close(masked_student.grad, selected_student.grad)
     assert masked_student.grad[~mask].abs().max() == 0
+
+
+def test_unscored_positions_cannot_poison_the_loss():
+    """inf / NaN logits at masked positions (padding, overflow) leave the loss and the gradient finite."""
+    import hf_codistill.losses as losses
+
+    student = torch.randn(4, 6, requires_grad=True)
+    peer = torch.randn(4, 6)
+    peer[1] = float("nan")
+    with torch.no_grad():
+        student[3] = float("inf")
+    mask = torch.tensor([True, False, True, False])
+    for loss_type in ("kl", "ce", "mse"):
+        student.grad = None
+        value = losses.distillation_loss(student, peer, loss_type, 2.0, position_mask=mask)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(student.grad).all()
+        assert student.grad[~mask].abs().max() == 0
+
+
+def test_fp16_gradients_survive_a_large_loss_scale():
+    """The backward factor (loss scale x T / N) stays in fp32: 65536 x 4 / 2 overflows fp16, the products do not."""
+    student = torch.randn(2, 8, dtype=torch.float16, requires_grad=True)
+    loss = distillation_loss(student, torch.randn(2, 8, dtype=torch.float16), "kl", 4.0)
+    (loss * 65536).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().max() > 0
+
+
+def test_mismatched_positions_are_refused():
+    with pytest.raises(ValueError, match="peer's logits cover 4 positions, this model's 6"):
+        distillation_loss(torch.randn(6, 5), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="`position_mask` has 4 entries for 6 positions"):
+        distillation_loss(torch.randn(6, 5), torch.randn(6, 5), position_mask=torch.ones(4, dtype=torch.bool))

