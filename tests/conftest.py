@@ -11,6 +11,15 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tests" / "scripts"
 
 
+def clean_env(**extra) -> dict:
+    """This process's environment without a launcher's rank variables (so a child starts its own world), offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
+        env.pop(key, None)
+    return env
+
+
 def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, expect_failure=False, env=None):
     """Run `script` on `nproc` CPU processes under a real launcher; return each rank's result file.
 
@@ -29,10 +38,7 @@ def launch(script, nproc, args, results_dir, launcher="torchrun", timeout=420, e
         results_dir = Path(results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
         command.append(f"--x-results={results_dir}")
-    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                   "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
-        process_env.pop(key, None)
+    process_env = clean_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for key, value in (env or {}).items():
         if value is None:
             process_env.pop(key, None)

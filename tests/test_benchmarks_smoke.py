@@ -8,16 +8,13 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, clean_env
 
 BENCHMARKS = REPO / "benchmarks"
 
 
 def run(script, *args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), *args], env=clean_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout

@@ -3,11 +3,10 @@ codistillation run under a real 4-process launcher, then the results, summary, p
 
 import json
 import math
-import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, clean_env
 
 STUDY = REPO / "benchmarks" / "science" / "run_study.py"
 
@@ -17,9 +16,7 @@ def _finite(value):
 
 
 def test_science_study_smoke(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
-        env.pop(key, None)
+    env = clean_env()
     proc = subprocess.run([sys.executable, str(STUDY), "--smoke", "--out", str(tmp_path)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
@@ -60,9 +57,7 @@ def test_science_study_smoke(tmp_path):
 def test_science_study_single_process_smoke(tmp_path):
     """`--single_process` (what `--gpu` does on one GPU): every run is one process, all-reduce on batch B and the
     codistilled pair in the recipe's one-process mode on B/2 each."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CODISTILL_WORLD_SIZE", "CODISTILL_WORLD_RANK"):
-        env.pop(key, None)
+    env = clean_env()
     proc = subprocess.run([sys.executable, str(STUDY), "--smoke", "--single_process", "--out", str(tmp_path)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
