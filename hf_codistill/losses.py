@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +107,7 @@ class _SoftTargetLoss(torch.autograd.Function):
         rows = max(1, _CHUNK_ELEMENTS // student.shape[-1])
         total = torch.zeros((), dtype=compute_dtype, device=student.device)
         grad = torch.empty_like(student)
-        masks = position_mask.split(rows) if position_mask is not None else [None] * len(grad.split(rows))
+        masks = position_mask.split(rows) if position_mask is not None else itertools.repeat(None)
         for student_chunk, peer_chunk, grad_chunk, mask in zip(student.split(rows), peer.split(rows),
                                                                 grad.split(rows), masks):
             student_log_probs = F.log_softmax(_softened(student_chunk, compute_dtype, temperature), dim=-1)

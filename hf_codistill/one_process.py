@@ -54,7 +54,7 @@ from .checkpointing import (
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
 from .losses import distillation_loss, select_labelled_positions
-from .peer_forward import in_precision
+from .peer_forward import in_precision, logits_of
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
 from .trainer import CodistillTrainer, _CodistillCallback, _reload_renamed_weights
@@ -245,12 +245,6 @@ def _evaluating(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
-
-
-def _logits_of(outputs, with_loss: bool) -> torch.Tensor:
-    if isinstance(outputs, dict):
-        return outputs["logits"]
-    return outputs[1] if with_loss else outputs[0]
 
 
 def _sibling_checkpoint(checkpoint: str, group: int) -> str:
@@ -569,7 +563,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         metrics["task_loss"].append(loss.detach() / (1 if loss_is_scaled_for_ga else ga_steps))
         alpha = self.current_alpha()
         if alpha > 0:
-            distill = self._distillation_to_peers(group, _logits_of(outputs, with_loss=True), peer_inputs, labels)
+            distill = self._distillation_to_peers(group, logits_of(outputs, with_loss=True), peer_inputs, labels)
             metrics["distill_loss"].append(distill.detach() / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
         metrics["alpha"].append(torch.tensor(alpha))
@@ -603,7 +597,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         if not self.peers.live:
             peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
         with self.autocast_smart_context_manager(), _evaluating(self.peers.model(peer, self.models)) as model:
-            logits = _logits_of(model(**peer_inputs), with_loss=False)
+            logits = logits_of(model(**peer_inputs), with_loss=False)
         if self.shared_batch:
             self._shared_peer_logits[peer] = logits
         return logits

@@ -26,8 +26,11 @@ def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:
     }
 
 
-def logits_of(outputs) -> torch.Tensor:
-    return outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+def logits_of(outputs, with_loss: bool = False) -> torch.Tensor:
+    """A model's logits from its output, a `ModelOutput` or a tuple (whose first entry is the loss `with_loss`)."""
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs[1] if with_loss else outputs[0]
 
 
 def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | None,

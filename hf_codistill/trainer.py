@@ -310,7 +310,7 @@ class CodistillTrainer(Trainer):
 
     def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:
         """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
-        student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        student_logits = logits_of(outputs, with_loss=True)
         shift = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
         mask = scored_positions(labels, shift) if shift and labels is not None else None
