@@ -146,6 +146,11 @@ class Run:
     steps: int | None = None  # None: the preset's
 
 
+def long_study_names(names) -> list[str]:
+    """The `long` part's studies among `names` (`vit_long_x<factor>`), shortest first."""
+    return sorted({name for name in names if name.startswith("vit_long_x")}, key=lambda name: int(name[10:]))
+
+
 def run_steps(run: Run, preset: dict) -> tuple[int, int]:
     """A run's optimizer steps and evaluation period (a longer run evaluates as often in fractions of training)."""
     size = preset[run.task]
@@ -450,8 +455,7 @@ def summarise(results: list[dict]) -> dict:
         for study in r["studies"]:
             by.setdefault(study, []).append(r)
     summary = {"failed": [r["name"] for r in results if not r.get("ok")], "tables": {}}
-    long_studies = sorted({s for r in ok for s in r["studies"] if s.startswith("vit_long_x")},
-                          key=lambda name: int(name.rsplit("x", 1)[1]))
+    long_studies = long_study_names(s for r in ok for s in r["studies"])
     for study in ("vit_main", "mlm_main", *long_studies):
         rows = {}
         for method in METHODS:
@@ -706,8 +710,7 @@ def make_plots(results: list[dict], plots_dir: str, dataset: str = "fashion_mnis
         return [r for r in ok if name in r["studies"]]
 
 
-    long_studies = sorted({s for r in ok for s in r["studies"] if s.startswith("vit_long_x")},
-                          key=lambda name: int(name.rsplit("x", 1)[1]))
+    long_studies = long_study_names(s for r in ok for s in r["studies"])
     long_plots = [(name, f"ViT on {dataset}, {study(name)[0]['steps']} steps", False) for name in long_studies]
     for name, title, mlm in (("vit_main", f"ViT on {dataset}, 4 workers, equal updates", False), *long_plots,
                              ("mlm_main", "BERT masked LM on Shakespeare, 4 workers, equal updates", True)):
@@ -849,8 +852,7 @@ def report(results: list[dict], summary: dict, meta: dict, out: str, plots: list
                   "Paper: on 1/k of ImageNet (k x epochs) the gap to all-reduce moves in codistillation's favour; "
                   "IWSLT'14 De-En validation NLL 2.31 (codistill) vs 2.37 (all-reduce).", ""]
         lines += reduced_table(t["vit_reduced"]) + [""]
-    for study in sorted((name for name in t if name.startswith("vit_long_x") and t[name]),
-                        key=lambda name: int(name.rsplit("x", 1)[1])):
+    for study in long_study_names(name for name in t if t[name]):
         first = next(iter(t[study].values()))
         long_steps = next(r["steps"] for r in results if r.get("ok") and study in r["studies"])
         lines += [f"### ViT: {long_steps} steps ({long_steps // sizes['vit']['steps']}x the main comparison, seeds "
