@@ -164,9 +164,8 @@ def init_groups(num_groups: int, backend: str | None = None, timeout: timedelta 
 def destroy_groups(leave_timeout: float = 60.0) -> None:
     """Tear down the groups (registered at exit; safe to call twice).
 
-    World rank 0 leaves last: under a plain `env://` launch it hosts the store, and a rank that loses the store while
-    its own teardown still talks to it aborts. Every other rank tears its process groups down, then tells rank 0 it
-    is leaving; rank 0 waits for them, at most `leave_timeout` seconds (a crashed rank never tells).
+    World rank 0 leaves last (`leave_in_order`): under a plain `env://` launch it hosts the store, and a rank that
+    loses the store while its own teardown still talks to it aborts.
     """
     global _TOPOLOGY
     topology, _TOPOLOGY = _TOPOLOGY, None
@@ -174,14 +173,24 @@ def destroy_groups(leave_timeout: float = 60.0) -> None:
         dist.destroy_process_group()
     if topology is None:
         return
-    store, key = topology.store, topology._next_key("leaving")
     topology.column = None  # the last reference: the column's process group goes now, not at interpreter exit
+    leave_in_order(topology.store, topology.world_rank, topology.world_size, topology._next_key("leaving"),
+                   leave_timeout)
+
+
+def leave_in_order(store: dist.Store, world_rank: int, world_size: int, key: str, leave_timeout: float = 60.0) -> None:
+    """Let world rank 0, the host of an `env://` store, leave last.
+
+    Call after this rank's process groups are gone. Every other rank says it is leaving; rank 0 waits until all of
+    them have (at most `leave_timeout` seconds: a crashed rank never says). Rank 0 must keep the store alive until
+    this returns, so that no rank loses it while still tearing down.
+    """
     try:
-        if not topology.is_world_zero:
+        if world_rank != 0:
             store.add(key, 1)
             return
         deadline = time.monotonic() + leave_timeout
-        while store.add(key, 0) < topology.world_size - 1 and time.monotonic() < deadline:
+        while store.add(key, 0) < world_size - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
     except Exception:  # noqa: BLE001 - the store may already be gone; leaving is all that is left to do
         pass
