@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,46 @@ def distillation_loss(
         difference = difference.masked_fill(~position_mask, 0.0)
         return difference.pow(2).sum() / (position_mask.sum().clamp(min=1) * difference.shape[-1])
     return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce", position_mask)
+
+
+def whole_sequence_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool):
+    """The (positions,) mask with which a causal LM's logits are scored whole, or None where positions are gathered.
+
+    A causal LM labels nearly every position: scoring them all and masking the few without a label avoids copies of
+    the (positions x vocabulary) logits and, on GPU, the host sync of a boolean index.
+    """
+    if not causal_lm or labels is None or labels.shape != student_logits.shape[:-1]:
+        return None
+    return scored_positions(labels, shift_labels=True).reshape(-1)
+
+
+def distillation_to_peers(
+    student_logits: torch.Tensor,
+    peer_logits: Iterable[torch.Tensor],
+    labels: torch.Tensor | None,
+    causal_lm: bool,
+    loss_type: str = "kl",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean over peers of `distillation_loss(student, peer)` at the positions that carry a label.
+
+    Each peer's logits come whole (shaped like the student's) or already at the labelled positions, (positions,
+    classes), as `peer_forward.peer_logits_at_labels` gives them. `peer_logits` may be a generator: each peer's
+    logits are used and dropped before the next peer's are made.
+    """
+    mask = whole_sequence_mask(student_logits, labels, causal_lm)
+    if mask is not None:
+        student = student_logits.reshape(-1, student_logits.shape[-1])
+    else:
+        student = select_labelled_positions(student_logits, labels, shift_labels=causal_lm)
+    losses = []
+    for peer in peer_logits:
+        if mask is not None:
+            peer = peer.reshape(-1, peer.shape[-1])
+        elif peer.dim() == student_logits.dim():
+            peer = select_labelled_positions(peer, labels, shift_labels=causal_lm)
+        losses.append(distillation_loss(student, peer, loss_type, temperature, mask))
+    return torch.stack(losses).mean()
 
 
 # fp32 elements per chunk of positions (64 MB): a GPT-2 batch of 16 x 512 tokens would otherwise hold several

@@ -37,7 +37,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import SCALER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.utils import can_return_loss, find_labels
@@ -53,8 +52,8 @@ from .checkpointing import (
 )
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
-from .losses import distillation_loss, select_labelled_positions
-from .peer_forward import in_precision, logits_of
+from .losses import distillation_to_peers
+from .peer_forward import in_precision, is_causal_lm, logits_of
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
 from .trainer import CodistillTrainer, _CodistillCallback, _reload_renamed_weights
@@ -286,7 +285,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         self._save_total_limit = args.save_total_limit
         self._group_args = [self._group_view_of(args, group) for group in range(len(models))]
         self._active_group: int | None = None
-        self._causal_lm = type(models[0]).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self._causal_lm = is_causal_lm(models[0])
         # Ids are enough for agreement and far smaller than logits when no metric needs the probabilities.
         if preprocess_logits_for_metrics is None and compute_metrics is None:
             preprocess_logits_for_metrics = _argmax
@@ -571,23 +570,9 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def _distillation_to_peers(self, group: int, logits: torch.Tensor, peer_inputs: dict, labels) -> torch.Tensor:
         """mean over the other models j of D(f_group(x), f_j(x)) at the positions that carry a label."""
-        student = select_labelled_positions(logits, labels, shift_labels=self._causal_lm)
-        losses = []
-        for peer in range(self.num_groups):
-            if peer == group:
-                continue
-            peer_logits = self._peer_logits(peer, peer_inputs)
-            if peer_logits.shape[-1] != logits.shape[-1]:
-                raise ValueError(
-                    f"Codistilled models must predict over the same output space: model {group}'s logits have shape "
-                    f"{tuple(logits.shape)}, model {peer}'s {tuple(peer_logits.shape)}. Give every model the same "
-                    "number of labels / vocabulary."
-                )
-            target = select_labelled_positions(peer_logits, labels, shift_labels=self._causal_lm)
-            losses.append(
-                distillation_loss(student, target, self.args.codistill_loss, self.args.codistill_temperature)
-            )
-        return torch.stack(losses).mean()
+        peers = (self._peer_logits(peer, peer_inputs) for peer in range(self.num_groups) if peer != group)
+        return distillation_to_peers(logits, peers, labels, self._causal_lm, self.args.codistill_loss,
+                                     self.args.codistill_temperature)
 
     @torch.no_grad()
     def _peer_logits(self, peer: int, peer_inputs: dict) -> torch.Tensor:

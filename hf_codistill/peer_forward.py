@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .losses import scored_positions, select_labelled_positions
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (unwrapped) is a causal LM: its position t is scored against label t+1."""
+    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:

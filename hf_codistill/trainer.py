@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 from transformers.utils import SAFE_WEIGHTS_NAME
@@ -30,10 +29,10 @@ from .checkpointing import (
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
-from .losses import distillation_loss, scored_positions, select_labelled_positions
+from .losses import distillation_to_peers, whole_sequence_mask
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
-from .peer_forward import in_precision, logits_of, peer_logits_at_labels
+from .peer_forward import in_precision, is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
 
@@ -311,26 +310,20 @@ class CodistillTrainer(Trainer):
     def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:
         """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
         student_logits = logits_of(outputs, with_loss=True)
-        shift = self._is_causal_lm(model)
+        causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        mask = scored_positions(labels, shift) if shift and labels is not None else None
-        if mask is not None and mask.shape == student_logits.shape[:-1]:
-            # A causal LM labels nearly every position: score them all and mask the few without a label, instead of
-            # gathering copies of the (positions x vocabulary) logits.
-            student, mask = student_logits.reshape(-1, student_logits.shape[-1]), mask.reshape(-1)
+        # Causal LMs are scored whole (the peer runs whole); otherwise the peer's head runs at the labelled positions.
+        scored_whole = whole_sequence_mask(student_logits, labels, causal_lm) is not None
+
+        def peer_logits(peer):
             with torch.no_grad(), self.accelerator.autocast():
-                peers = [logits_of(peer(**peer_inputs)) for peer in self.peer_copies.models()]
-            peers = [logits.reshape(-1, logits.shape[-1]) for logits in peers]
-        else:
-            student, mask = select_labelled_positions(student_logits, labels, shift_labels=shift), None
-            with torch.no_grad(), self.accelerator.autocast():
-                peers = [peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=shift)
-                         for peer in self.peer_copies.models()]
-        losses = [
-            distillation_loss(student, peer, self.args.codistill_loss, self.args.codistill_temperature, mask)
-            for peer in peers
-        ]
-        return torch.stack(losses).mean()
+                if scored_whole:
+                    return logits_of(peer(**peer_inputs))
+                return peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=causal_lm)
+
+        peers = (peer_logits(peer) for peer in self.peer_copies.models())
+        return distillation_to_peers(student_logits, peers, labels, causal_lm, self.args.codistill_loss,
+                                     self.args.codistill_temperature)
 
     # ---- Evaluation -----------------------------------------------------------------------------------------
 
@@ -377,8 +370,7 @@ class CodistillTrainer(Trainer):
             self._eval_peer_logits = [peer(**peer_inputs) for peer in self._eval_peers.models()]
 
     def _is_causal_lm(self, model) -> bool:
-        unwrapped = self.accelerator.unwrap_model(model)
-        return unwrapped._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return is_causal_lm(self.accelerator.unwrap_model(model))
 
     # ---- Logging --------------------------------------------------------------------------------------------
 

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from hf_codistill.losses import distillation_loss, select_labelled_positions
+from hf_codistill.losses import (
+    distillation_loss,
+    distillation_to_peers,
+    select_labelled_positions,
+    whole_sequence_mask,
+)
 
 
 def _hand_losses(student, peer, temperature):
@@ -175,3 +180,25 @@ def test_mismatched_positions_are_refused():
         distillation_loss(torch.randn(6, 5), torch.randn(4, 5))
     with pytest.raises(ValueError, match="`position_mask` has 4 entries for 6 positions"):
         distillation_loss(torch.randn(6, 5), torch.randn(6, 5), position_mask=torch.ones(4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("causal_lm,peer_at_labels", [(False, False), (False, True), (True, False)])
+def test_distillation_to_peers_is_the_mean_over_peers_at_the_scored_positions(batch, causal_lm, peer_at_labels):
+    """Whole peers or peers already at the labelled positions; causal LMs masked, others gathered: same value."""
+    student, peer, labels = batch
+    other = peer.flip(-1)
+    peers = [peer, other]
+    if peer_at_labels:  # as `peer_logits_at_labels` gives them (causal LMs always take whole peers)
+        peers = [select_labelled_positions(p, labels) for p in peers]
+    value = distillation_to_peers(student, iter(peers), labels, causal_lm, "kl", 2.0)
+    s = select_labelled_positions(student, labels, shift_labels=causal_lm)
+    expected = [_hand_losses(s, select_labelled_positions(p, labels, shift_labels=causal_lm), 2.0)[0]
+                for p in (peer, other)]
+    assert value.item() == pytest.approx(sum(expected) / 2, rel=1e-9)
+
+
+def test_causal_lm_logits_are_scored_whole_with_a_mask(batch):
+    student, _, labels = batch
+    mask = whole_sequence_mask(student, labels, causal_lm=True)
+    assert mask.tolist() == [True, False, True, False, False, False, True, False]
+    assert whole_sequence_mask(student, labels, causal_lm=False) is None

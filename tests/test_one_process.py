@@ -151,7 +151,7 @@ def test_peers_must_share_the_output_space(tmp_path):
     train, _ = digits_dataset(32)
     trainer = CodistillTrainer(model=[vit(0), vit(1, num_labels=5)], args=codistill_args(tmp_path, max_steps=1),
                                train_dataset=train)
-    with pytest.raises(ValueError, match=r"model 0's logits have shape \(16, 10\), model 1's \(16, 5\)"):
+    with pytest.raises(ValueError, match=r"this model's logits have 10 classes, its peer's 5"):
         trainer.train()
 
 
