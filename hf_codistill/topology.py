@@ -77,6 +77,17 @@ class GroupTopology:
             self.store.set(f"{key}/done", b"1")
         self.store.wait([f"{key}/done"], self.timeout)
 
+    def any_rank(self, flags: tuple[bool, ...], name: str = "any") -> tuple[bool, ...]:
+        """For each flag, whether any launched process (any group) raised it; every process must call this."""
+        key = self._next_key(name)
+        for index, flag in enumerate(flags):
+            if flag:
+                self.store.add(f"{key}/{index}", 1)
+        if self.store.add(key, 1) == self.world_size:
+            self.store.set(f"{key}/done", b"1")
+        self.store.wait([f"{key}/done"], self.timeout)
+        return tuple(self.store.add(f"{key}/{index}", 0) > 0 for index in range(len(flags)))
+
     def gather_to_world_zero(self, payload: dict | None, name: str = "logs") -> list[dict] | None:
         """Collect one JSON-able dict per group (sent by its group rank 0) on world rank 0; `None` elsewhere."""
         key = self._next_key(name)

@@ -363,6 +363,21 @@ class CodistillTrainer(Trainer):
             self._peer_evaluation.add_batch(logits, peer_logits, labels)
         return (loss, None, None) if prediction_loss_only else (loss, logits, labels)
 
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        """Trainer's decision, agreed by all groups: save when any group has a new best, stop when any group stops.
+
+        Each group scores its own model, so under `save_strategy="best"` or `EarlyStoppingCallback` the groups would
+        decide differently, and a group that saves or stops alone leaves the others waiting at the checkpoint's
+        barrier or the next exchange. Private Trainer hook (transformers 5.17-5.24): Trainer calls it right after
+        every evaluation during training, in every process, after the callbacks' `on_evaluate`.
+        """
+        is_new_best = super()._determine_best_metric(metrics=metrics, trial=trial)
+        if self.topology is None or self.num_groups == 1:
+            return is_new_best
+        is_new_best, stop = self.topology.any_rank((is_new_best, self.control.should_training_stop), "evaluation")
+        self.control.should_training_stop = stop
+        return is_new_best
+
     def _record_eval_peer_logits(self, inputs) -> None:
         """Run the evaluation copies of the peers on the batch `compute_loss` received (inputs already on device)."""
         peer_inputs = {key: value for key, value in inputs.items() if key != "labels"}

@@ -159,6 +159,22 @@ def test_checkpoint_from_another_number_of_groups_is_refused(codistill_run):
         resolve_resume_checkpoint(True, str(out), 0, 4)
 
 
+def test_groups_agree_on_best_checkpoints_and_early_stopping(tmp_path, launcher):
+    """Group 0 has a new best at every evaluation, group 1 only at the first, and group 1 alone asks to stop at step 4:
+    every group saves when any has a new best and all stop together (deciding alone would hang the others)."""
+    out = tmp_path / "out"
+    ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--output_dir", str(out), "--eval_strategy", "steps",
+                                 "--eval_steps", "2", "--save_strategy", "best", "--metric_for_best_model", "score",
+                                 "--greater_is_better", "true", "--x-stop_group_one_at=4"],
+                     tmp_path / "results", timeout=300)
+    assert [len(rank["steps"]) for rank in ranks] == [4, 4, 4, 4]
+    for group in (0, 1):
+        saved = sorted(int(path.name.split("-")[1]) for path in (out / f"group_{group}").glob("checkpoint-*"))
+        assert saved == [2, 4]
+        assert all((out / f"group_{group}" / f"checkpoint-{step}" / STATE_NAME).is_file() for step in saved)
+    assert get_last_checkpoint(str(out), num_groups=2) == 4
+
+
 def test_resume_continues_the_uninterrupted_trajectory(codistill_run, tmp_path, launcher):
     out, ranks = codistill_run
     resumed_out = tmp_path / "out"

@@ -70,6 +70,17 @@ class Recorder(TrainerCallback):
         self.steps.append(record)
 
 
+class StopGroupOne(TrainerCallback):
+    """Group 1 alone asks to stop at its evaluation of step `at` (as `EarlyStoppingCallback` would)."""
+
+    def __init__(self, trainer, at):
+        self.trainer, self.at = trainer, at
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.trainer.group_index == 1 and state.global_step >= self.at:
+            control.should_training_stop = True
+
+
 def main():
     parser = HfArgumentParser(CodistillTrainingArguments)
     args, extra = parser.parse_args_into_dataclasses(return_remaining_strings=True)
@@ -83,9 +94,19 @@ def main():
         set_seed(args.seed)
         trainer_cls = Trainer
     model = tiny_vit()
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data)
+    trainer_kwargs = {}
+    if "stop_group_one_at" in options:
+        # Groups that decide differently: group 0's `score` improves at every evaluation, group 1's never after the
+        # first, and group 1 alone asks to stop.
+        def scores(prediction):
+            return {"score": float(trainer.state.global_step * (1 if trainer.group_index == 0 else -1))}
+
+        trainer_kwargs["compute_metrics"] = scores
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, **trainer_kwargs)
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
+    if "stop_group_one_at" in options:
+        trainer.add_callback(StopGroupOne(trainer, int(options["stop_group_one_at"])))
     resume = options.get("resume")
     trainer.train(resume_from_checkpoint={"true": True, None: None}.get(resume, resume))
     metrics = trainer.evaluate()
