@@ -51,7 +51,9 @@ class CodistillTrainingArguments(TrainingArguments):
         codistill_shared_init (`bool`, *optional*):
             Start every group from group 0's weights. Left unset, groups share the initialisation when the model was
             loaded with `from_pretrained` and start from different random weights (seed + group index) when it was
-            built from a config or by `model_init`.
+            built from a config or by `model_init`. "Loaded" is read from the model's `name_or_path`, which a model
+            built with `from_config` inherits from a config loaded with `AutoConfig.from_pretrained`: set it
+            explicitly there (the recipes clear that path for models trained from scratch).
         codistill_log_param_distance (`bool`, *optional*):
             Log each model's L2 distance from its initial parameters as `param_distance_from_init` (Sodhani et al.'s
             Fig. 1c diagnostic of over-regularization). Keeps one copy of the initial parameters in CPU memory and in

@@ -66,6 +66,9 @@ def build_image_classifier(model_args: ModelArguments, labels: list[str], image_
     if model_args.config_overrides:
         config.update_from_string(model_args.config_overrides)
     config.num_labels, config.id2label, config.label2id = len(labels), id2label, label2id
+    # Trained from scratch: the model must not claim the config's origin as its weights' (the model card's
+    # base model; `CodistillTrainer`'s default of one shared initialisation for pre-trained models).
+    config._name_or_path = ""
     return AutoModelForImageClassification.from_config(config)
 
 

@@ -96,6 +96,9 @@ def build_language_model(model_args: ModelArguments, auto_class, tokenizer: PreT
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, name, None) is not None:
                 setattr(config, name, getattr(tokenizer, name))
+        # Trained from scratch: the model must not claim the config's origin as its weights' (the model card's
+        # base model; `CodistillTrainer`'s default of one shared initialisation for pre-trained models).
+        config._name_or_path = ""
         model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     check_tokenizer_fits_model(tokenizer, model)
     disable_unsupported_loss_kwargs(model)

@@ -170,6 +170,22 @@ def test_mlm_needs_a_mask_token(tmp_path, monkeypatch):
                   "--config_name", str(minilm_path()), "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))
 
 
+def test_models_from_a_pretrained_config_do_not_claim_pretrained_weights(tmp_path):
+    """`--config_name <pre-trained path>` trains from scratch: the model keeps no path, so groups start from different
+    random weights (`codistill_shared_init` unset) and the model card names no base model."""
+    from hf_codistill.image_pipeline import build_image_classifier
+    from hf_codistill.recipe_args import ModelArguments
+    from hf_codistill.text_pipeline import build_language_model
+    from transformers import AutoTokenizer, ViTConfig
+
+    ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=32).save_pretrained(tmp_path / "vit")
+    vit = build_image_classifier(ModelArguments(config_name=str(tmp_path / "vit")), ["a", "b"], 8, 1)
+    bert = build_language_model(ModelArguments(config_name=str(minilm_path()), config_overrides="num_hidden_layers=1"),
+                                AutoModelForMaskedLM, AutoTokenizer.from_pretrained(minilm_path()))
+    assert vit.name_or_path == "" and bert.name_or_path == ""
+
+
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_vit(tmp_path):
     """Debian's Fashion-MNIST (70k 28x28 images, read from its IDX files) through the ViT recipe."""
