@@ -69,6 +69,11 @@ def distillation_loss(
         )
     if loss_type not in ("kl", "ce", "mse"):
         raise ValueError(f"Unknown `codistill_loss` {loss_type!r}: use 'kl', 'ce' or 'mse'.")
+    if loss_type != "mse" and student_logits.shape[-1] < 2:
+        raise ValueError(
+            f"`codistill_loss={loss_type!r}` compares class probabilities, but the model has a single output (a "
+            "regression head), whose softmax is always 1: the term would be 0. Use `codistill_loss='mse'`."
+        )
     if peer_logits.shape[0] != student_logits.shape[0]:
         raise ValueError(f"The peer's logits cover {peer_logits.shape[0]} positions, this model's "
                          f"{student_logits.shape[0]}: both must be taken at the same positions.")

@@ -23,6 +23,16 @@ def _first(outputs):
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
+def _are_class_scores(logits: torch.Tensor, labels: torch.Tensor | None, causal: bool) -> bool:
+    """Whether `logits` score classes, one class id per label: not a regression (one output, float labels) or
+    multi-label head (float label vectors)."""
+    if logits.shape[-1] < 2:
+        return False
+    if labels is None:
+        return True
+    return not torch.is_floating_point(labels) and labels.shape == logits.shape[:-1]
+
+
 class PeerEvaluation:
     """Accumulates one evaluation's ensemble and agreement over batches; `metrics` scores them at the end."""
 
@@ -42,15 +52,18 @@ class PeerEvaluation:
         """`own_logits` from this group's model, `peer_logits` in the order of the peer groups (ascending index)."""
         logits = [_first(peer) for peer in peer_logits]
         logits.insert(self.group_index, _first(own_logits))
+        if not _are_class_scores(logits[0], labels, self.causal):
+            return  # regression or multi-label heads: no class probabilities to ensemble or top-1 to compare
         ensemble = ensemble_logits(logits)
         predictions = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
         aligned = [(l[:, :-1] if self.causal else l) for l in logits]
-        top1 = torch.stack([l.argmax(dim=-1) for l in aligned], dim=1)  # (batch, G[, positions])
+        # Models last, so that the position dimension (1) is padded like every other tensor's.
+        top1 = torch.stack([l.argmax(dim=-1) for l in aligned], dim=-1)  # (batch[, positions], G)
         batch = {"ensemble_predictions": predictions, "top1": top1}
         if labels is not None:
             targets = labels[:, 1:] if self.causal else labels
             valid = targets != IGNORE_INDEX
-            top1.masked_fill_(~valid.unsqueeze(1), IGNORE_INDEX)
+            top1.masked_fill_(~valid.unsqueeze(-1), IGNORE_INDEX)
             log_probs = ensemble[:, :-1] if self.causal else ensemble
             token_loss = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]).float(),
                                     targets.reshape(-1).clamp(min=0), reduction="none").view(targets.shape)
@@ -59,10 +72,9 @@ class PeerEvaluation:
             batch.update(labels=labels, loss_sum=token_loss.sum(dim=dims) if dims else token_loss,
                          loss_count=valid.sum(dim=dims) if dims else valid.long())
         for name, tensor in batch.items():
-            # Sequences differ in length across ranks: pad the position dimension as Trainer does for its logits.
-            position_dim = 2 if name == "top1" else 1
-            if tensor.dim() > position_dim:
-                tensor = self.accelerator.pad_across_processes(tensor, dim=position_dim, pad_index=IGNORE_INDEX)
+            # Sequences differ in length across ranks and batches: pad the position dimension as Trainer does.
+            if tensor.dim() > 1 + (name == "top1"):
+                tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=IGNORE_INDEX)
             gathered = nested_numpify(self.accelerator.gather_for_metrics(tensor.contiguous()))
             current = getattr(self, name)
             setattr(self, name, gathered if current is None else nested_concat(current, gathered,
@@ -78,7 +90,7 @@ class PeerEvaluation:
         if compute_metrics is not None and self.labels is not None:
             scored = compute_metrics(EvalPrediction(predictions=self.ensemble_predictions, label_ids=self.labels))
             metrics.update({f"ensemble_{key}": value for key, value in scored.items()})
-        per_model = [self.top1[:, g] for g in range(self.top1.shape[1])]
+        per_model = [self.top1[..., g] for g in range(self.top1.shape[-1])]
         # Unlabelled positions and padding carry IGNORE_INDEX in every model's row.
         metrics.update(top1_agreement(per_model, mask=per_model[0] != IGNORE_INDEX))
         return {f"{prefix}_{key}": value for key, value in metrics.items()}

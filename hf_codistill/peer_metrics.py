@@ -96,8 +96,8 @@ def peer_compute_metrics(
                 metrics.update({f"group_{group}/{key}": value for key, value in own.items()})
                 if group == 0:
                     metrics.update(own)
-        if not with_peer_metrics:
-            return metrics
+        if not with_peer_metrics or (labels is not None and np.issubdtype(np.asarray(labels).dtype, np.floating)):
+            return metrics  # regression or multi-label heads: no class probabilities to ensemble or compare
         logits = [_first_output(p) for p in per_model]
         are_logits = labels is None or all(np.ndim(l) == np.ndim(labels) + 1 for l in logits)
         if are_logits and compute_metrics is not None:

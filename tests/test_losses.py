@@ -202,3 +202,9 @@ def test_causal_lm_logits_are_scored_whole_with_a_mask(batch):
     mask = whole_sequence_mask(student, labels, causal_lm=True)
     assert mask.tolist() == [True, False, True, False, False, False, True, False]
     assert whole_sequence_mask(student, labels, causal_lm=False) is None
+
+
+def test_soft_targets_on_a_single_output_are_refused():
+    with pytest.raises(ValueError, match="single output.*codistill_loss='mse'"):
+        distillation_loss(torch.randn(4, 1), torch.randn(4, 1), "kl")
+    assert distillation_loss(torch.zeros(4, 1), torch.ones(4, 1), "mse").item() == 1.0

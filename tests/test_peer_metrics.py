@@ -4,9 +4,11 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import EvalPrediction
 
 from hf_codistill.metrics import metric_path
+from hf_codistill.peer_evaluation import PeerEvaluation
 from hf_codistill.peer_metrics import ensemble_logits, peer_compute_metrics, top1_agreement
 
 # Three models, four positions; the last position is unlabelled (-100).
@@ -77,3 +79,28 @@ def test_shipped_evaluate_modules_load_offline_and_agree_with_the_functions():
     logits = np.stack([np.eye(5)[p] * 4.0 for p in PREDICTIONS], axis=1).astype(np.float32)
     ensemble = evaluate.load(metric_path("ensemble_accuracy"))
     assert ensemble.compute(predictions=logits, references=LABELS) == {"ensemble_accuracy": pytest.approx(1.0)}
+
+
+def test_peer_evaluation_concatenates_batches_of_different_lengths():
+    """Sequences padded per batch (e.g. `--line_by_line`) give batches of different lengths: agreement counts each
+    labelled position once, padding never."""
+    evaluation = PeerEvaluation(Accelerator(cpu=True), group_index=0, causal=False)
+    generator = torch.Generator().manual_seed(0)
+    for length in (5, 3):
+        own = torch.randn(2, length, 7, generator=generator)
+        labels = torch.randint(0, 7, (2, length), generator=generator)
+        labels[:, 0] = -100
+        evaluation.add_batch(own, [own.clone()], labels)
+    metrics = evaluation.metrics(None, "eval")
+    assert evaluation.top1.shape == (4, 5, 2)
+    assert metrics["eval_agreement_0_1"] == 1.0 and metrics["eval_ensemble_loss"] > 0
+
+
+def test_peer_metrics_skip_regression_heads():
+    """One output and float labels: no classes to ensemble or compare, and no crash at evaluation."""
+    evaluation = PeerEvaluation(Accelerator(cpu=True), group_index=1, causal=False)
+    evaluation.add_batch(torch.randn(4, 1), [torch.randn(4, 1)], torch.randn(4))
+    assert evaluation.metrics(None, "eval") == {}
+    compute = peer_compute_metrics(lambda p: {"mse": float(((p.predictions[:, 0] - p.label_ids) ** 2).mean())})
+    metrics = compute(EvalPrediction(predictions=(np.zeros((4, 1)), np.ones((4, 1))), label_ids=np.zeros(4)))
+    assert metrics == {"mse": 0.0, "group_0/mse": 0.0, "group_1/mse": 1.0}
