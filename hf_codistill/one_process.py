@@ -381,7 +381,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
     @contextmanager
     def _as_group(self, group: int):
         """Point Trainer's single-model attributes at model `group`, to run Trainer's own code for it."""
-        saved = (self.model, self.model_wrapped, self.args, self.optimizer, self.lr_scheduler, self.hub_model_id)
+        saved = (self.model, self.model_wrapped, self.args, self.optimizer, self.lr_scheduler, self.hub_model_id,
+                 self._active_group)
         self.model = self.model_wrapped = self.models[group]
         self.args = self._group_args[group]
         if isinstance(self._unwrapped_optimizer(), PerModelOptimizers):
@@ -394,8 +395,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             yield
         finally:
             self._hub_model_ids[group] = self.hub_model_id
-            self.model, self.model_wrapped, self.args, self.optimizer, self.lr_scheduler, self.hub_model_id = saved
-            self._active_group = None
+            (self.model, self.model_wrapped, self.args, self.optimizer, self.lr_scheduler, self.hub_model_id,
+             self._active_group) = saved
 
     def _unwrapped_optimizer(self):
         optimizer = self.optimizer
@@ -703,6 +704,9 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def push_to_hub(self, *args, **kwargs) -> list:
         """Push model g to `<hub_model_id>-group-<g>`, for every g."""
+        if self._active_group is not None:
+            # Trainer's own code running for one model (its `save_model` pushes after saving): that model only.
+            return Trainer.push_to_hub(self, *args, **kwargs)
         commits = []
         for group in range(self.num_groups):
             with self._as_group(group):
