@@ -416,8 +416,13 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
 
     def get_train_dataloader(self):
-        if self.shared_batch or not hasattr(self.train_dataset, "__len__"):
+        if self.shared_batch:
             return Trainer.get_train_dataloader(self)
+        if not hasattr(self.train_dataset, "__len__"):
+            # A stream has no order to seed per model: each batch of G x b consecutive examples is dealt out, b each.
+            # Private Trainer helper (5.17-5.24), as below.
+            return self._get_dataloader(dataset=self.train_dataset, description="Training",
+                                        batch_size=self._train_batch_size * self.num_groups, is_training=True)
         seeds = [view.data_seed if view.data_seed is not None else view.seed for view in self._group_args]
         sampler = PerModelOrderSampler(len(self.train_dataset), self._train_batch_size, seeds)
         # Private Trainer helper (5.17-5.24): it removes unused columns, builds the collator and prepares the loader.

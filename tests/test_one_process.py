@@ -147,6 +147,28 @@ def test_shared_batch_keeps_identical_models_identical(tmp_path):
     assert by_step(trainer.state.log_history, "group_1/task_loss") == by_step(trainer.state.log_history, "task_loss")
 
 
+def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
+    """An iterable dataset has no per-model order: every model still gets b examples per step, not b / G."""
+    train, _ = digits_dataset(128)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (train[index] for index in range(len(train)))
+
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=3), train_dataset=Stream())
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        seen.append((trainer.models.index(model), inputs["pixel_values"].shape[0], float(inputs["pixel_values"].sum())))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16)] * 3
+    assert all(seen[2 * step][2] != seen[2 * step + 1][2] for step in range(3))
+
+
 def test_peers_must_share_the_output_space(tmp_path):
     train, _ = digits_dataset(32)
     trainer = CodistillTrainer(model=[vit(0), vit(1, num_labels=5)], args=codistill_args(tmp_path, max_steps=1),
