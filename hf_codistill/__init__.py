@@ -3,6 +3,7 @@
 from .checkpointing import get_last_checkpoint
 from .config import CodistillTrainingArguments
 from .losses import distillation_loss
+from .metrics import metric_path
 from .peer_metrics import ensemble_logits, peer_compute_metrics, top1_agreement
 from .topology import GroupTopology, get_topology, init_groups
 from .trainer import CodistillTrainer
@@ -16,6 +17,7 @@ __all__ = [
     "get_last_checkpoint",
     "get_topology",
     "init_groups",
+    "metric_path",
     "peer_compute_metrics",
     "top1_agreement",
 ]

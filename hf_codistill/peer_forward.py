@@ -35,6 +35,9 @@ def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:
 def logits_of(outputs, with_loss: bool = False) -> torch.Tensor:
     """A model's logits from its output, a `ModelOutput` or a tuple (whose first entry is the loss `with_loss`)."""
     if isinstance(outputs, dict):
+        if "logits" not in outputs:
+            raise ValueError(f"Codistillation compares the models' `logits`, but this model's output has only "
+                             f"{sorted(outputs.keys())}: use a model with a classification or language-model head.")
         return outputs["logits"]
     return outputs[1] if with_loss else outputs[0]
 

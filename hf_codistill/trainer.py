@@ -125,7 +125,8 @@ class CodistillTrainer(Trainer):
                     f"`codistill=True` with num_groups={args.num_groups} needs at least {args.num_groups} processes, "
                     "one group of ranks per model: launch with e.g. `torchrun --nproc_per_node "
                     f"{2 * args.num_groups} your_script.py` or `accelerate launch --multi_gpu --num_processes "
-                    f"{2 * args.num_groups} your_script.py`."
+                    f"{2 * args.num_groups} your_script.py`; or, to train them all in this process, pass a list of "
+                    f"{args.num_groups} models: `CodistillTrainer(model=[model_0, model_1, ...], ...)`."
                 )
             if model is not None:
                 disable_unsupported_loss_kwargs(model)

@@ -43,8 +43,26 @@ def test_codistill_without_launcher_says_how_to_launch(tmp_path):
     from tests.scripts.train_digits import tiny_vit
 
     args = make_args(tmp_path, codistill=True, num_groups=2)
-    with pytest.raises(ValueError, match="torchrun --nproc_per_node 4"):
+    with pytest.raises(ValueError, match=r"torchrun --nproc_per_node 4.*pass a list of 2 models"):
         CodistillTrainer(model=tiny_vit(), args=args)
+
+
+def test_world_size_without_rank_says_how_to_launch(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="`RANK` is not.*torchrun"):
+        make_args(tmp_path, codistill=True, num_groups=2)
+    assert not dist.is_initialized()
+
+
+def test_models_without_logits_are_named():
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput
+
+    from hf_codistill.peer_forward import logits_of
+
+    outputs = QuestionAnsweringModelOutput(start_logits=torch.zeros(1, 3), end_logits=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"only \['end_logits', 'start_logits'\].*classification or language-model head"):
+        logits_of(outputs)
 
 
 def test_codistill_off_is_plain_trainer(tmp_path):
