@@ -23,7 +23,7 @@ def _first(outputs):
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
-def _are_class_scores(logits: torch.Tensor, labels: torch.Tensor | None, causal: bool) -> bool:
+def _are_class_scores(logits: torch.Tensor, labels: torch.Tensor | None) -> bool:
     """Whether `logits` score classes, one class id per label: not a regression (one output, float labels) or
     multi-label head (float label vectors)."""
     if logits.shape[-1] < 2:
@@ -52,7 +52,7 @@ class PeerEvaluation:
         """`own_logits` from this group's model, `peer_logits` in the order of the peer groups (ascending index)."""
         logits = [_first(peer) for peer in peer_logits]
         logits.insert(self.group_index, _first(own_logits))
-        if not _are_class_scores(logits[0], labels, self.causal):
+        if not _are_class_scores(logits[0], labels):
             return  # regression or multi-label heads: no class probabilities to ensemble or top-1 to compare
         ensemble = ensemble_logits(logits)
         predictions = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
