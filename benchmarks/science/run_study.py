@@ -82,7 +82,7 @@ PRESETS = {
         "reduced_methods": ("allreduce", "codistill_wd"),
         "extra_methods": ("allreduce_wd",),
         # The `long` part: the main ViT comparison with (factor x the steps, seeds): does the gap close with training?
-        "long": ((5, 2), (10, 1)),
+        "long": ((5, 2), (10, 2)),
     },
     "gpu": {
         # One GPU, one process per run standing for the 4 workers (see the module docstring). Wider, deeper models,
@@ -943,7 +943,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="seeds of the main ViT comparison")
     parser.add_argument("--mlm_seeds", type=int, default=None, help="seeds of the MLM comparison")
     parser.add_argument("--out", default=None, help="where results/, plots/ and README.md go (default: this folder; "
-                        "with --smoke: runs/smoke in it)")
+                        "with --gpu: gpu/ in it; with --smoke: runs/smoke in it)")
     parser.add_argument("--work_dir", default=None, help="run folders (default: <out>/runs)")
     parser.add_argument("--report-only", "--report_only", dest="report_only", action="store_true",
                         help="rebuild the tables, plots and README from existing results")
@@ -963,7 +963,9 @@ def main(argv=None) -> int:
                                 logging_steps=max(1, min(preset[task]["logging_steps"], args.steps // 10)))
     # How runs launch: 4 processes on the CPU, or one process per run standing for the 4 workers (GPU, or CPU check).
     mode = "gpu" if args.gpu else "cpu1" if args.single_process else "cpu"
-    out = os.path.abspath(args.out or (os.path.join(HERE, "runs", "smoke") if args.smoke else HERE))
+    # The GPU study has its own folder: its runs share names (not commands) with the CPU study's and would replace them.
+    default_out = os.path.join(HERE, "runs", "smoke") if args.smoke else os.path.join(HERE, "gpu") if args.gpu else HERE
+    out = os.path.abspath(args.out or default_out)
     work_dir = os.path.abspath(args.work_dir or os.path.join(out, "runs"))
     results_dir = os.path.join(out, "results")
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
