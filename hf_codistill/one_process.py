@@ -485,6 +485,13 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             grad_norm = self._grad_norms[0]
         return Trainer._get_grad_norm(self, model, grad_norm)
 
+    def _track_num_input_tokens(self, inputs) -> None:
+        # Private Trainer hook (5.2x): the inputs are one batch per model; count model 0's, as Trainer logs model 0
+        # (what group 0 counts when launched).
+        batch = inputs[0] if isinstance(inputs, list) else inputs
+        with self._as_group(0):
+            Trainer._track_num_input_tokens(self, batch)
+
     def floating_point_ops(self, inputs) -> int:
         batches = inputs if isinstance(inputs, list) else [inputs] * self.num_groups
         total = 0

@@ -169,6 +169,14 @@ def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
     assert all(seen[2 * step][2] != seen[2 * step + 1][2] for step in range(3))
 
 
+def test_input_tokens_seen_are_model_zeros(tmp_path):
+    """`include_num_input_tokens_seen` counts model 0's inputs (8 x 8 pixels per image for a ViT), as group 0 does."""
+    args = codistill_args(tmp_path, max_steps=3, include_num_input_tokens_seen="all")
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=args, train_dataset=digits_dataset(64)[0])
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == 3 * 16 * 8 * 8
+
+
 def test_peers_must_share_the_output_space(tmp_path):
     train, _ = digits_dataset(32)
     trainer = CodistillTrainer(model=[vit(0), vit(1, num_labels=5)], args=codistill_args(tmp_path, max_steps=1),
