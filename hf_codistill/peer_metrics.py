@@ -72,6 +72,16 @@ def top1_agreement(
     return metrics
 
 
+def ensemble_loss(log_probs: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False) -> float:
+    """The ensemble's mean negative log-likelihood at the labelled positions (`log_probs` from `ensemble_logits`)."""
+    if shift_labels:
+        log_probs, labels = log_probs[..., :-1, :], labels[..., 1:]
+    scored = labels != IGNORE_INDEX
+    if not scored.any():
+        return float("nan")
+    return float(F.nll_loss(log_probs[scored].float(), labels[scored].long()))
+
+
 def peer_compute_metrics(
     compute_metrics: Callable[[EvalPrediction], dict] | None = None,
     shift_labels: bool = False,
@@ -80,7 +90,7 @@ def peer_compute_metrics(
     """A `compute_metrics` for an `EvalPrediction` whose `predictions` hold one entry per model.
 
     Returns `compute_metrics` of every model (model 0's also under the plain keys, as Trainer logs group 0), of the
-    ensemble (`ensemble_<key>`), and the top-1 agreement. A model's entry is either logits (one more dimension than
+    ensemble (`ensemble_<key>`, and its loss at the labelled positions as `ensemble_loss`), and the top-1 agreement. A model's entry is either logits (one more dimension than
     the labels) or top-1 ids (e.g. after `preprocess_logits_for_metrics` took the argmax); ids give agreement but no
     ensemble. Set `shift_labels` for causal LMs, whose position t predicts label t + 1. `with_peer_metrics=False`
     (`codistill_peer_metrics=False`) keeps only each model's own metrics.
@@ -100,10 +110,13 @@ def peer_compute_metrics(
             return metrics  # regression or multi-label heads: no class probabilities to ensemble or compare
         logits = [_first_output(p) for p in per_model]
         are_logits = labels is None or all(np.ndim(l) == np.ndim(labels) + 1 for l in logits)
-        if are_logits and compute_metrics is not None:
-            ensemble = ensemble_logits([torch.as_tensor(l) for l in logits]).numpy()
-            own = compute_metrics(EvalPrediction(predictions=ensemble, label_ids=labels))
-            metrics.update({f"ensemble_{key}": value for key, value in own.items()})
+        if are_logits and (compute_metrics is not None or labels is not None):
+            ensemble = ensemble_logits([torch.as_tensor(l) for l in logits])
+            if labels is not None:
+                metrics["ensemble_loss"] = ensemble_loss(ensemble, torch.as_tensor(labels), shift_labels)
+            if compute_metrics is not None:
+                own = compute_metrics(EvalPrediction(predictions=ensemble.numpy(), label_ids=labels))
+                metrics.update({f"ensemble_{key}": value for key, value in own.items()})
         top1 = [np.argmax(l, axis=-1) if are_logits else np.asarray(l) for l in logits]
         mask = None
         if labels is not None:

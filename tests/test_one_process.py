@@ -249,6 +249,8 @@ def test_evaluation_reports_each_model_the_ensemble_and_agreement(saved_run):
     assert metrics["eval_accuracy"] == metrics["group_0/eval_accuracy"] == pytest.approx(np.mean(top1[0] == labels))
     assert metrics["group_1/eval_accuracy"] == pytest.approx(np.mean(top1[1] == labels))
     assert metrics["eval_ensemble_accuracy"] == pytest.approx(np.mean(probabilities.argmax(-1) == labels))
+    expected_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
+    assert metrics["eval_ensemble_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert metrics["eval_agreement_0_1"] == metrics["eval_agreement_mean"] == pytest.approx(np.mean(top1[0] == top1[1]))
     assert metrics["group_0/eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
     assert metrics["group_1/eval_loss"] != metrics["group_0/eval_loss"]
