@@ -117,6 +117,7 @@ def measure(case: str, mode: str, args) -> dict:
     training_args = CodistillTrainingArguments(
         output_dir=tempfile.mkdtemp(), use_cpu=not cuda, bf16=args.bf16, report_to="none", learning_rate=1e-4,
         per_device_train_batch_size=1, disable_tqdm=True, codistill_peer_dtype=args.peer_dtype,
+        codistill_position_fraction=args.position_fraction,
     )
     set_seed(0)
     model = make_model()
@@ -164,6 +165,7 @@ def run_child(case: str, mode: str, args) -> dict:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke + ["--size", args.size]
     command += ["--peer_dtype", args.peer_dtype] if args.peer_dtype else []
+    command += ["--position_fraction", str(args.position_fraction)]
     # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed, so that the CPU's
     # peak RSS follows the tensors alive at once rather than what the allocator kept.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -186,6 +188,8 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (both modes).")
     parser.add_argument("--peer_dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="`codistill_peer_dtype` of the codistillation step (default: the model's).")
+    parser.add_argument("--position_fraction", type=float, default=1.0,
+                        help="`codistill_position_fraction` of the codistillation step (causal LMs).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process.")
@@ -210,7 +214,7 @@ def main():
                      "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"]})
     memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
     print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, peers: "
-          f"{args.peer_dtype or 'model precision'}, median of "
+          f"{args.peer_dtype or 'model precision'}, causal-LM position fraction {args.position_fraction}, median of "
           f"{args.steps} steps; memory: {memory}")
     print("| case | batch | plain ms | codistill ms | ratio | plain peak MB | codistill peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")

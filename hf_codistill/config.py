@@ -92,6 +92,11 @@ class CodistillTrainingArguments(TrainingArguments):
             halve both the peers' memory and the bytes crossing group boundaries (`benchmarks/README.md` measures
             the effect on accuracy). Unset: the model's own precision. Floating-point inputs (pixel values) are cast
             to it for the peers' forward; the models themselves train, save and evaluate in full precision.
+        codistill_position_fraction (`float`, *optional*, defaults to `1.0`):
+            Causal LMs only: score the distillation term at this fraction of the positions, drawn at random every
+            step (labelled ones first); the peers' output head runs only there. A causal LM labels every position,
+            so its term costs a full-vocabulary softmax per token and the peer's head about a third of its forward
+            (GPT-2); 0.25 cuts both by 4x, with an unbiased but noisier estimate of the term. 1.0: every position.
     """
 
     codistill: bool = field(
@@ -166,6 +171,12 @@ class CodistillTrainingArguments(TrainingArguments):
                   "default: the model's.", "choices": list(PEER_DTYPES)},
     )
 
+    codistill_position_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Causal LMs: fraction of positions (drawn at random each step) that the distillation term "
+                  "scores; the peers' output head runs only there."},
+    )
+
     def __post_init__(self):
         self._check_codistill_arguments()
         # The groups must exist before `TrainingArguments` sets up accelerate, which would otherwise join every
@@ -201,6 +212,11 @@ class CodistillTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`codistill_peer_dtype` must be one of {', '.join(PEER_DTYPES)} (or unset for the model's own "
                 f"precision), got {self.codistill_peer_dtype!r}."
+            )
+        if not 0 < self.codistill_position_fraction <= 1:
+            raise ValueError(
+                f"`codistill_position_fraction` must be in (0, 1] (1 scores every position), got "
+                f"{self.codistill_position_fraction}."
             )
         for name in ("codistill_burn_in_steps", "codistill_alpha_warmup_steps"):
             if getattr(self, name) < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 
 import torch
@@ -104,6 +105,23 @@ def whole_sequence_mask(student_logits: torch.Tensor, labels: torch.Tensor | Non
     return scored_positions(labels, shift_labels=True).reshape(-1)
 
 
+def sample_positions(mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """ceil(fraction x positions) distinct positions drawn at random, labelled (`mask`) ones first.
+
+    A count fixed by the shape, not by how many positions carry a label: selecting them needs no host sync.
+    """
+    count = max(1, math.ceil(fraction * mask.numel()))
+    scores = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, -1.0)
+    return scores.topk(count, sorted=False).indices
+
+
+def scored_sample(whole_mask: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """`sample_positions` of a causal LM's scored positions (`whole_sequence_mask`), or None to score them all."""
+    if whole_mask is None or fraction >= 1.0:
+        return None
+    return sample_positions(whole_mask, fraction)
+
+
 def distillation_to_peers(
     student_logits: torch.Tensor,
     peer_logits: Iterable[torch.Tensor],
@@ -111,24 +129,31 @@ def distillation_to_peers(
     causal_lm: bool,
     loss_type: str = "kl",
     temperature: float = 1.0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over peers of `distillation_loss(student, peer)` at the positions that carry a label.
 
-    Each peer's logits come whole (shaped like the student's) or already at the labelled positions, (positions,
-    classes), as `peer_forward.peer_logits_at_labels` gives them. `peer_logits` may be a generator: each peer's
-    logits are used and dropped before the next peer's are made.
+    Each peer's logits come whole (shaped like the student's) or already at the scored positions, (positions,
+    classes), as `peer_forward.peer_logits_at_labels` / `peer_logits_at_positions` give them. `peer_logits` may be
+    a generator: each peer's logits are used and dropped before the next peer's are made. For causal LMs,
+    `positions` (from `sample_positions`, indices into the flattened batch x positions) scores only those.
     """
     mask = whole_sequence_mask(student_logits, labels, causal_lm)
     if mask is not None:
         student = student_logits.reshape(-1, student_logits.shape[-1])
+        if positions is not None:
+            student, mask = student.index_select(0, positions), mask.index_select(0, positions)
     else:
         student = select_labelled_positions(student_logits, labels, shift_labels=causal_lm)
     losses = []
     for peer in peer_logits:
-        if mask is not None:
-            peer = peer.reshape(-1, peer.shape[-1])
-        elif peer.dim() == student_logits.dim():
-            peer = select_labelled_positions(peer, labels, shift_labels=causal_lm)
+        if peer.dim() == student_logits.dim():  # whole: take the student's positions
+            if mask is None:
+                peer = select_labelled_positions(peer, labels, shift_labels=causal_lm)
+            else:
+                peer = peer.reshape(-1, peer.shape[-1])
+                if positions is not None:
+                    peer = peer.index_select(0, positions)
         losses.append(distillation_loss(student, peer, loss_type, temperature, mask))
     return torch.stack(losses).mean()
 

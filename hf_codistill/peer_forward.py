@@ -4,7 +4,8 @@ The distillation term compares predictions at the positions that carry a label (
 for causal LMs, every example for classification). For language models most of a forward pass past the encoder is
 the vocabulary projection, so the peer runs its output head (`get_output_embeddings()`) on the labelled positions
 only: with 15% masking, an MLM peer projects 15% of the tokens. (Causal LMs label nearly every position; for them
-`CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead.)
+`CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead, or, with
+`codistill_position_fraction` < 1, runs the head at a random sample of positions.)
 """
 
 from __future__ import annotations
@@ -47,22 +48,41 @@ def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | 
     """The peer's logits at the labelled positions, (positions, classes), in the order `select_labelled_positions`
     gives the student's."""
     mask = scored_positions(labels, shift_labels)
-    head = peer.get_output_embeddings() if mask is not None and hasattr(peer, "get_output_embeddings") else None
-    if head is None:
+    if mask is None:
         return select_labelled_positions(logits_of(peer(**inputs)), labels, shift_labels)
-
-    def keep_scored(module, args):
-        hidden = args[0]
-        if hidden.dim() == 3 and hidden.shape[:2] == mask.shape:
-            return (hidden[mask], *args[1:])
-        return None
-
-    handle = head.register_forward_pre_hook(keep_scored)
-    try:
-        logits = logits_of(peer(**inputs))
-    finally:
-        handle.remove()
+    logits = _with_head_on_rows(peer, inputs, mask.shape, lambda hidden: hidden[mask])
     if logits.dim() == 2:
         return logits
     # The head saw other shapes than (batch, positions, hidden), so it ran everywhere: select afterwards.
     return select_labelled_positions(logits, labels, shift_labels)
+
+
+def peer_logits_at_positions(peer: nn.Module, inputs: dict, positions: torch.Tensor,
+                             batch_shape: tuple[int, int]) -> torch.Tensor:
+    """The peer's logits at `positions`, indices into the flattened (batch x positions) grid of shape `batch_shape`
+    (`losses.sample_positions`), as (positions, classes)."""
+    logits = _with_head_on_rows(peer, inputs, batch_shape,
+                                lambda hidden: hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+    if logits.dim() == 2:
+        return logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
+
+
+def _with_head_on_rows(peer: nn.Module, inputs: dict, batch_shape, rows) -> torch.Tensor:
+    """The peer's logits with its output head (`get_output_embeddings()`) run on `rows(hidden)` only, where the head
+    sees (batch, positions, hidden) of `batch_shape`; whole logits where it does not (or has no such head)."""
+    head = peer.get_output_embeddings() if hasattr(peer, "get_output_embeddings") else None
+    if head is None:
+        return logits_of(peer(**inputs))
+
+    def keep_rows(module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(batch_shape):
+            return (rows(hidden), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(keep_rows)
+    try:
+        return logits_of(peer(**inputs))
+    finally:
+        handle.remove()

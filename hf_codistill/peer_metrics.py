@@ -90,10 +90,11 @@ def peer_compute_metrics(
     """A `compute_metrics` for an `EvalPrediction` whose `predictions` hold one entry per model.
 
     Returns `compute_metrics` of every model (model 0's also under the plain keys, as Trainer logs group 0), of the
-    ensemble (`ensemble_<key>`, and its loss at the labelled positions as `ensemble_loss`), and the top-1 agreement. A model's entry is either logits (one more dimension than
-    the labels) or top-1 ids (e.g. after `preprocess_logits_for_metrics` took the argmax); ids give agreement but no
-    ensemble. Set `shift_labels` for causal LMs, whose position t predicts label t + 1. `with_peer_metrics=False`
-    (`codistill_peer_metrics=False`) keeps only each model's own metrics.
+    ensemble (`ensemble_<key>`, and its loss at the labelled positions as `ensemble_loss`), and the top-1
+    agreement. A model's entry is either logits (one more dimension than the labels) or top-1 ids (e.g. after
+    `preprocess_logits_for_metrics` took the argmax); ids give agreement but no ensemble. Set `shift_labels` for
+    causal LMs, whose position t predicts label t + 1. `with_peer_metrics=False` (`codistill_peer_metrics=False`)
+    keeps only each model's own metrics.
     """
 
     def compute(eval_pred: EvalPrediction) -> dict[str, float]:

@@ -141,8 +141,8 @@ def init_groups(num_groups: int, backend: str | None = None, timeout: timedelta 
         )
     timeout = timeout or timedelta(minutes=30)
     if "RANK" not in os.environ:
-        raise RuntimeError(f"`WORLD_SIZE={world_size}` is set but `RANK` is not: start the processes with `torchrun` or "
-                           "`accelerate launch`, which set both (and `MASTER_ADDR` / `MASTER_PORT`).")
+        raise RuntimeError(f"`WORLD_SIZE={world_size}` is set but `RANK` is not: start the processes with `torchrun` "
+                           "or `accelerate launch`, which set both (and `MASTER_ADDR` / `MASTER_PORT`).")
     world_rank = int(os.environ["RANK"])
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"

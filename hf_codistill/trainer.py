@@ -29,10 +29,16 @@ from .checkpointing import (
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
-from .losses import distillation_to_peers, whole_sequence_mask
+from .losses import distillation_to_peers, scored_sample, whole_sequence_mask
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
-from .peer_forward import in_precision, is_causal_lm, logits_of, peer_logits_at_labels
+from .peer_forward import (
+    in_precision,
+    is_causal_lm,
+    logits_of,
+    peer_logits_at_labels,
+    peer_logits_at_positions,
+)
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
 
@@ -313,18 +319,22 @@ class CodistillTrainer(Trainer):
         student_logits = logits_of(outputs, with_loss=True)
         causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        # Causal LMs are scored whole (the peer runs whole); otherwise the peer's head runs at the labelled positions.
-        scored_whole = whole_sequence_mask(student_logits, labels, causal_lm) is not None
+        # Causal LMs are scored whole (the peer runs whole) or at sampled positions; otherwise the peer's head runs
+        # at the labelled positions.
+        whole_mask = whole_sequence_mask(student_logits, labels, causal_lm)
+        positions = scored_sample(whole_mask, self.args.codistill_position_fraction)
 
         def peer_logits(peer):
             with torch.no_grad(), self.accelerator.autocast():
-                if scored_whole:
+                if positions is not None:
+                    return peer_logits_at_positions(peer, peer_inputs, positions, labels.shape)
+                if whole_mask is not None:
                     return logits_of(peer(**peer_inputs))
                 return peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=causal_lm)
 
         peers = (peer_logits(peer) for peer in self.peer_copies.models())
         return distillation_to_peers(student_logits, peers, labels, causal_lm, self.args.codistill_loss,
-                                     self.args.codistill_temperature)
+                                     self.args.codistill_temperature, positions)
 
     # ---- Evaluation -----------------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ def make_args(tmp_path, **kwargs):
         ({"codistill_alpha_warmup_steps": -3}, "`codistill_alpha_warmup_steps` must be >= 0"),
         ({"codistill": True, "num_groups": 1}, "`num_groups` must be >= 2"),
         ({"codistill_peer_dtype": "int8"}, "`codistill_peer_dtype` must be one of float32, bfloat16, float16"),
+        ({"codistill_position_fraction": 0.0}, "`codistill_position_fraction` must be in (0, 1]"),
+        ({"codistill_position_fraction": 1.5}, "`codistill_position_fraction` must be in (0, 1]"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, message):

@@ -26,6 +26,9 @@ def test_step_overhead_smoke(tmp_path):
     assert [r["case"] for r in rows] == ["bert-mlm", "gpt2-clm", "vit"]
     assert all(r["plain_ms"] > 0 and r["codistill_ms"] > 0 and r["plain_peak_bytes"] > 0 for r in rows)
     assert "| case | batch | plain ms | codistill ms | ratio |" in out
+    # The trainer's sampled-positions path for causal LMs.
+    out = run(BENCHMARKS / "step_overhead.py", "--smoke", "--cases", "gpt2-clm", "--position_fraction", "0.25")
+    assert "causal-LM position fraction 0.25" in out and "| gpt2-clm |" in out
 
 
 def test_communication_smoke(tmp_path):

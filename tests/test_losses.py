@@ -8,6 +8,8 @@ import torch
 from hf_codistill.losses import (
     distillation_loss,
     distillation_to_peers,
+    sample_positions,
+    scored_sample,
     select_labelled_positions,
     whole_sequence_mask,
 )
@@ -208,3 +210,26 @@ def test_soft_targets_on_a_single_output_are_refused():
     with pytest.raises(ValueError, match="single output.*codistill_loss='mse'"):
         distillation_loss(torch.randn(4, 1), torch.randn(4, 1), "kl")
     assert distillation_loss(torch.zeros(4, 1), torch.ones(4, 1), "mse").item() == 1.0
+
+
+def test_sampled_positions_are_distinct_labelled_first_and_fixed_in_number():
+    mask = torch.tensor([True, False, True, True, False, False, True, False])
+    for _ in range(20):
+        positions = sample_positions(mask, 0.5)
+        assert positions.numel() == 4 and set(positions.tolist()) == {0, 2, 3, 6}
+    positions = sample_positions(mask, 0.75)
+    assert positions.numel() == 6 and len(set(positions.tolist())) == 6 and {0, 2, 3, 6} <= set(positions.tolist())
+    assert scored_sample(mask, 1.0) is None and scored_sample(None, 0.5) is None
+
+
+def test_distillation_at_sampled_positions_scores_those_rows(batch):
+    """Whole peers or peers already at the positions: the term over the sampled rows (unlabelled ones masked)."""
+    student, peer, labels = batch
+    mask = whole_sequence_mask(student, labels, causal_lm=True)
+    positions = torch.tensor([6, 0, 1])  # two scored positions and one without a label
+    flat_student, flat_peer = student.reshape(-1, 5), peer.reshape(-1, 5)
+    expected = _hand_losses(flat_student[[6, 0]], flat_peer[[6, 0]], 1.0)[0]
+    for peers in ([peer], [flat_peer[positions]]):
+        value = distillation_to_peers(student, peers, labels, True, "kl", 1.0, positions)
+        assert value.item() == pytest.approx(expected, rel=1e-9)
+    assert mask[positions].tolist() == [True, True, False]

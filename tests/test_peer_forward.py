@@ -7,8 +7,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments
-from hf_codistill.losses import distillation_loss, select_labelled_positions
-from hf_codistill.peer_forward import peer_logits_at_labels
+from hf_codistill.losses import distillation_loss, sample_positions, select_labelled_positions, whole_sequence_mask
+from hf_codistill.peer_forward import peer_logits_at_labels, peer_logits_at_positions
 
 
 def _bert():
@@ -67,4 +67,45 @@ def test_trainer_distillation_term_scores_the_labelled_positions(build, tmp_path
     with torch.no_grad():
         expected = distillation_loss(select_labelled_positions(outputs.logits, labels, causal),
                                      select_labelled_positions(peer(input_ids=ids).logits, labels, causal))
+    torch.testing.assert_close(term, expected)
+
+
+def test_head_at_sampled_positions_matches_full_forward():
+    torch.manual_seed(0)
+    model, _ = _gpt2()
+    model.eval()
+    ids = torch.randint(0, 100, (3, 12))
+    positions = torch.tensor([35, 0, 17, 4])
+    projected = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
+    with torch.no_grad():
+        sampled = peer_logits_at_positions(model, {"input_ids": ids}, positions, ids.shape)
+        handle.remove()
+        full = model(input_ids=ids).logits.reshape(-1, 100)[positions]
+    torch.testing.assert_close(sampled, full)
+    assert projected[0] == (4, 100)
+
+
+def test_trainer_scores_a_causal_lm_at_sampled_positions(tmp_path):
+    """`codistill_position_fraction=0.5`: the term over the positions `sample_positions` draws (unlabelled masked)."""
+    torch.manual_seed(0)
+    student, _ = _gpt2()
+    peer, _ = _gpt2()
+    peer.eval()
+    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill_position_fraction=0.5)
+    trainer = CodistillTrainer(model=student, args=args)
+    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    ids = torch.randint(0, 100, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.9, ids, torch.full_like(ids, -100))
+    outputs = student(input_ids=ids)
+    torch.manual_seed(7)
+    term = trainer._distillation_term(student, outputs, {"input_ids": ids}, labels)
+    torch.manual_seed(7)
+    mask = whole_sequence_mask(outputs.logits, labels, causal_lm=True)
+    positions = sample_positions(mask, 0.5)
+    assert positions.numel() == 18
+    with torch.no_grad():
+        expected = distillation_loss(outputs.logits.reshape(-1, 100)[positions],
+                                     peer(input_ids=ids).logits.reshape(-1, 100)[positions],
+                                     position_mask=mask[positions])
     torch.testing.assert_close(term, expected)
