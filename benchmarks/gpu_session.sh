@@ -2,7 +2,7 @@
 # A device session's GPU work for issues 5 and 6, in steps that each fit one `run` call (at most 10 minutes).
 #
 #   bash benchmarks/gpu_session.sh prepare    # here, on the CPU machine: fill .device/ (wheels, Fashion-MNIST; 32 MB)
-#   bash benchmarks/gpu_session.sh overhead   # on the GPU, carrying .device: step overhead (gpu_step_overhead.sh), ~4 min
+#   bash benchmarks/gpu_session.sh overhead   # on the GPU: step overhead (gpu_step_overhead.sh), ~5 min
 #   bash benchmarks/gpu_session.sh study      # on the GPU, carrying .device: the --gpu ViT study, one seed, <= 8 min
 #
 # The GPU image has torch, transformers and accelerate but not datasets, evaluate, dill or multiprocess, nor
@@ -46,8 +46,7 @@ transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', data
 
 case "${1:-}" in
     prepare) prepare ;;
-    overhead)
-        setup || exit 1
+    overhead)  # torch and transformers only: nothing to install
         OUT=$OUT/step_overhead bash benchmarks/gpu_step_overhead.sh ;;
     study)
         setup || exit 1
