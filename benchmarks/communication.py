@@ -95,9 +95,9 @@ def run_worker(args):
     with open(os.path.join(args.results, f"rank{world_rank}.json"), "w") as f:
         json.dump(result, f)
     if not codistill:
-        # Leave the all-reduce world in step, so no rank exits while gloo still talks to it.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        from benchmarks.plain_exit import exit_plain_worker
+
+        exit_plain_worker()
 
 
 def launch(mode, args, root):

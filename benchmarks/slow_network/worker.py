@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from transformers import TrainerCallback, ViTConfig, ViTForImageClassification, 
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
-from hf_codistill.topology import leave_in_order  # noqa: E402
+from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -83,19 +82,6 @@ class Timeline(TrainerCallback):
             control.should_training_stop = True
 
 
-def leave_plain_world() -> None:
-    """Tear down the all-reduce run with world rank 0, the store's host, last (else a late rank aborts)."""
-    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                       timeout=timedelta(seconds=60))
-    torch.distributed.barrier()
-    if rank != 0:
-        torch.distributed.destroy_process_group()
-    leave_in_order(store, rank, world_size, "slow_network/leaving")
-    if rank == 0:
-        torch.distributed.destroy_process_group()
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=["allreduce", "codistill"], required=True)
@@ -148,8 +134,8 @@ def main():
         result["exchange_bytes_sent"] = trainer.peer_copies.bytes_sent
     with open(os.path.join(args.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    if not codistill:  # codistillation's groups tear down at exit; a plain run leaves in the same order
-        leave_plain_world()
+    if not codistill:  # codistillation's groups tear down in order at exit
+        exit_plain_worker()
 
 
 if __name__ == "__main__":
