@@ -9,12 +9,11 @@ labelled positions and every model's top-1 prediction, gathered over the group l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import EvalPrediction
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
 
 from .losses import IGNORE_INDEX
-from .peer_metrics import ensemble_logits, top1_agreement
+from .peer_metrics import ensemble_logits, labelled_nll, top1_agreement
 
 
 def _first(outputs):
@@ -61,13 +60,8 @@ class PeerEvaluation:
         top1 = torch.stack([l.argmax(dim=-1) for l in aligned], dim=-1)  # (batch[, positions], G)
         batch = {"ensemble_predictions": predictions, "top1": top1}
         if labels is not None:
-            targets = labels[:, 1:] if self.causal else labels
-            valid = targets != IGNORE_INDEX
+            token_loss, valid = labelled_nll(ensemble, labels, self.causal)
             top1.masked_fill_(~valid.unsqueeze(-1), IGNORE_INDEX)
-            log_probs = ensemble[:, :-1] if self.causal else ensemble
-            token_loss = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]).float(),
-                                    targets.reshape(-1).clamp(min=0), reduction="none").view(targets.shape)
-            token_loss = token_loss * valid
             dims = tuple(range(1, token_loss.dim()))
             batch.update(labels=labels, loss_sum=token_loss.sum(dim=dims) if dims else token_loss,
                          loss_count=valid.sum(dim=dims) if dims else valid.long())

@@ -72,14 +72,21 @@ def top1_agreement(
     return metrics
 
 
-def ensemble_loss(log_probs: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False) -> float:
-    """The ensemble's mean negative log-likelihood at the labelled positions (`log_probs` from `ensemble_logits`)."""
+def labelled_nll(log_probs: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False):
+    """(per-position negative log-likelihood, zero where unlabelled; the labelled-position mask), shaped like the
+    labels (shifted for causal LMs). `log_probs` from `ensemble_logits`."""
     if shift_labels:
         log_probs, labels = log_probs[..., :-1, :], labels[..., 1:]
     scored = labels != IGNORE_INDEX
-    if not scored.any():
-        return float("nan")
-    return float(F.nll_loss(log_probs[scored].float(), labels[scored].long()))
+    token_loss = F.nll_loss(log_probs.reshape(-1, log_probs.shape[-1]).float(), labels.reshape(-1).clamp(min=0).long(),
+                            reduction="none").view(labels.shape)
+    return token_loss * scored, scored
+
+
+def ensemble_loss(log_probs: torch.Tensor, labels: torch.Tensor, shift_labels: bool = False) -> float:
+    """The ensemble's mean negative log-likelihood at the labelled positions (`log_probs` from `ensemble_logits`)."""
+    token_loss, scored = labelled_nll(log_probs, labels, shift_labels)
+    return float(token_loss.sum() / scored.sum()) if scored.any() else float("nan")
 
 
 def peer_compute_metrics(

@@ -83,9 +83,7 @@ class GroupTopology:
         for index, flag in enumerate(flags):
             if flag:
                 self.store.add(f"{key}/{index}", 1)
-        if self.store.add(key, 1) == self.world_size:
-            self.store.set(f"{key}/done", b"1")
-        self.store.wait([f"{key}/done"], self.timeout)
+        self.barrier(name)  # every process has raised its flags
         return tuple(self.store.add(f"{key}/{index}", 0) > 0 for index in range(len(flags)))
 
     def gather_to_world_zero(self, payload: dict | None, name: str = "logs") -> list[dict] | None:

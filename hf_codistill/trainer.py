@@ -383,7 +383,7 @@ class CodistillTrainer(Trainer):
         every evaluation during training, in every process, after the callbacks' `on_evaluate`.
         """
         is_new_best = super()._determine_best_metric(metrics=metrics, trial=trial)
-        if self.topology is None or self.num_groups == 1:
+        if self.topology is None:
             return is_new_best
         is_new_best, stop = self.topology.any_rank((is_new_best, self.control.should_training_stop), "evaluation")
         self.control.should_training_stop = stop
