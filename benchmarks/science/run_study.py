@@ -151,6 +151,11 @@ def long_study_names(names) -> list[str]:
     return sorted({name for name in names if name.startswith("vit_long_x")}, key=lambda name: int(name[10:]))
 
 
+def per_model_batch(run: Run, preset: dict) -> int:
+    """Examples per optimizer step of each model: all-reduce B = 4 per-device batches, a codistilled model B/2."""
+    return preset[run.task]["pd"] * (4 if run.method.startswith("allreduce") else 2)
+
+
 def run_steps(run: Run, preset: dict) -> tuple[int, int]:
     """A run's optimizer steps and evaluation period (a longer run evaluates as often in fractions of training)."""
     size = preset[run.task]
@@ -200,9 +205,8 @@ def single_process(mode: str) -> bool:
 def recipe_args(run: Run, preset: dict, mode: str, output_dir: str) -> list[str]:
     size = preset[run.task]
     steps, eval_steps = run_steps(run, preset)
-    per_device = size["pd"]
-    if single_process(mode):  # one process stands for the 4 workers: all-reduce B = 4 pd, each codistilled model 2 pd
-        per_device *= 4 if run.method.startswith("allreduce") else 2
+    # One process standing for the 4 workers trains each model on its whole batch.
+    per_device = per_model_batch(run, preset) if single_process(mode) else size["pd"]
     common = ["--do_train", "--do_eval", "--max_steps", str(steps),
               "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", str(size["eval_pd"]),
               "--learning_rate", str(size["lr"]), "--weight_decay", str(size["wd"]), "--lr_scheduler_type", "cosine",
@@ -341,7 +345,7 @@ def run_one(run: Run, preset: dict, mode: str, work_dir: str, results_dir: str, 
               "sync_every": run.sync_every if run.method not in ("allreduce", "allreduce_wd") else None,
               "max_train_samples": run.max_train, "steps": run_steps(run, preset)[0],
               "per_device_batch": preset[run.task]["pd"], "command": key, "wall_s": round(wall, 1),
-              "per_model_batch": preset[run.task]["pd"] * (4 if run.method.startswith("allreduce") else 2),
+              "per_model_batch": per_model_batch(run, preset),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if returncode != 0:
         with open(log_path) as f:
