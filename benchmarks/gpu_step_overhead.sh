@@ -4,7 +4,8 @@
 # (one per case and mode), 20 timed steps each after 5 warm-up steps; about 2-3 minutes on an H100, bounded to 280 s;
 # then GPT-2 once more with bfloat16 peers and once with the term at a quarter of the positions (about a minute
 # each, bounded to 120 s each: at most 520 s in all).
-# Prints the Markdown table for benchmarks/README.md; the table and each process's JSON go to $OUT.
+# Prints the Markdown tables for benchmarks/README.md (time and peak memory, then the peak of each phase of a step);
+# the tables and each process's JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_step_overhead}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -10,7 +10,8 @@ trainer computes them. No exchange happens during the timed steps (it is every k
     python benchmarks/step_overhead.py --smoke                      # CPU, tiny models (the test suite's run)
     python benchmarks/step_overhead.py --device cuda --bf16         # BERT-base MLM 64x128, GPT-2 small CLM 16x512,
                                                                     # ViT-base 128x224²
-Prints: case, plain ms, codistill ms, ratio, peak memory of both (GPU: max allocated; CPU: peak RSS).
+Prints: case, plain ms, codistill ms, ratio, peak memory of both (GPU: max allocated; CPU: peak RSS), then the
+peak of each phase of one more step (forward, distillation term, backward, optimizer), to tell where each peaks.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from collections import defaultdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("bert-mlm", "gpt2-clm", "vit")
+PHASES = ("forward", "distillation", "backward", "optimizer")
 
 
-def build_case(case: str, size: str, device):
+def build_case(case: str, size: str, device, batch_size: int | None = None):
     """A model built from its config (random weights) and a factory of random batches for it.
 
     `size`: `tiny` (smoke), `cpu` (the real vocabularies and output heads, small bodies and batches: where the
-    vocabulary-sized work of the distillation term shows on a CPU) or `full` (the issue's GPU cases).
+    vocabulary-sized work of the distillation term shows on a CPU) or `full` (the issue's GPU cases). `batch_size`
+    replaces the size's own.
     """
     tiny, cpu = size == "tiny", size == "cpu"
     import torch
@@ -85,6 +88,7 @@ def build_case(case: str, size: str, device):
 
     else:
         raise ValueError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    batch = batch_size or batch  # `inputs()` reads it when called
     shape = f"{batch}x{length}" if case != "vit" else f"{batch}x{config.image_size}²"
     return model, inputs, shape
 
@@ -97,6 +101,87 @@ class _OnePeer:
 
     def models(self):
         return list(self.peers.values())
+
+
+class _PhasePeaks:
+    """Peak memory of each phase of a training step: the student's forward and own loss, the distillation term, the
+    backward pass, the optimizer step. GPU: max allocated, the peak statistic reset at each phase change (the
+    allocator's accounting follows the order in which work is queued, so no sync is needed); CPU: the process's RSS,
+    sampled every 0.5 ms by a thread."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.phase, self.peaks = cuda, None, defaultdict(int)
+        self._sampling = False
+
+    def enter(self, phase):
+        import torch
+
+        if self.cuda:
+            if self.phase is not None:
+                self._record(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        self.phase = phase
+        if not self.cuda:
+            self._record(self._rss())  # at least one sample, however short the phase
+
+    def _record(self, value):
+        if self.phase is not None:
+            self.peaks[self.phase] = max(self.peaks[self.phase], value)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def sample(self):
+        import threading
+
+        if self.cuda:
+            return
+
+        def run():
+            while self._sampling:
+                self._record(self._rss())
+                time.sleep(0.0005)
+
+        self._sampling = True
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self.enter(None)
+        if self._sampling:
+            self._sampling = False
+            self._thread.join()
+
+
+def peak_by_phase(trainer, batch, step, cuda: bool) -> dict:
+    """Run one more `step(batch)` with the peak memory (bytes) of each of its phases, to tell where a step peaks."""
+    tracker = _PhasePeaks(cuda)
+
+    def entering(phase, method):
+        def wrapped(*args, **kwargs):
+            previous = tracker.phase
+            tracker.enter(phase)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                tracker.enter(previous)
+        return wrapped
+
+    patched = [(trainer, "compute_loss", "forward"), (trainer, "_distillation_term", "distillation"),
+               (trainer.accelerator, "backward", "backward"), (trainer.optimizer, "step", "optimizer")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    for owner, name, phase in patched:
+        setattr(owner, name, entering(phase, getattr(owner, name)))
+    tracker.sample()
+    try:
+        step(batch)
+    finally:
+        tracker.stop()
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return dict(tracker.peaks)
 
 
 def measure(case: str, mode: str, args) -> dict:
@@ -113,7 +198,7 @@ def measure(case: str, mode: str, args) -> dict:
     cuda = args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(args.threads) if not cuda else None
-    make_model, make_inputs, shape = build_case(case, args.size, device=device)
+    make_model, make_inputs, shape = build_case(case, args.size, device=device, batch_size=args.batch_size)
     training_args = CodistillTrainingArguments(
         output_dir=tempfile.mkdtemp(), use_cpu=not cuda, bf16=args.bf16, report_to="none", learning_rate=1e-4,
         per_device_train_batch_size=1, disable_tqdm=True, codistill_peer_dtype=args.peer_dtype,
@@ -136,8 +221,8 @@ def measure(case: str, mode: str, args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
-    def step(i):
-        trainer.training_step(trainer.model, batches[i % len(batches)])
+    def step(batch):
+        trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if mode == "codistill":
@@ -148,7 +233,7 @@ def measure(case: str, mode: str, args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         began = time.perf_counter()
-        step(i)
+        step(batches[i % len(batches)])
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -156,8 +241,10 @@ def measure(case: str, mode: str, args) -> dict:
     times.sort()
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    phases = peak_by_phase(trainer, batches[0], step, cuda)
     return {"case": case, "shape": shape, "mode": mode, "ms": 1000 * times[len(times) // 2],
-            "peak_bytes": peak, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+            "peak_bytes": peak, "peak_bytes_by_phase": phases,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 def run_child(case: str, mode: str, args) -> dict:
@@ -166,6 +253,7 @@ def run_child(case: str, mode: str, args) -> dict:
     command += ["--bf16"] * args.bf16 + ["--smoke"] * args.smoke + ["--size", args.size]
     command += ["--peer_dtype", args.peer_dtype] if args.peer_dtype else []
     command += ["--position_fraction", str(args.position_fraction)]
+    command += ["--batch_size", str(args.batch_size)] if args.batch_size else []
     # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed, so that the CPU's
     # peak RSS follows the tensors alive at once rather than what the allocator kept.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO, "MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -190,6 +278,7 @@ def main():
                         help="`codistill_peer_dtype` of the codistillation step (default: the model's).")
     parser.add_argument("--position_fraction", type=float, default=1.0,
                         help="`codistill_position_fraction` of the codistillation step (causal LMs).")
+    parser.add_argument("--batch_size", type=int, default=None, help="Replaces each case's batch size.")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per process.")
@@ -211,7 +300,9 @@ def main():
         rows.append({"case": case, "shape": plain["shape"], "device": plain["device"], "plain_ms": plain["ms"],
                      "codistill_ms": codistill["ms"], "ratio": codistill["ms"] / plain["ms"],
                      "plain_peak_bytes": plain["peak_bytes"], "codistill_peak_bytes": codistill["peak_bytes"],
-                     "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"]})
+                     "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"],
+                     "plain_peak_bytes_by_phase": plain["peak_bytes_by_phase"],
+                     "codistill_peak_bytes_by_phase": codistill["peak_bytes_by_phase"]})
     memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
     print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, peers: "
           f"{args.peer_dtype or 'model precision'}, causal-LM position fraction {args.position_fraction}, median of "
@@ -222,6 +313,14 @@ def main():
         print(f"| {r['case']} | {r['shape']} | {r['plain_ms']:.1f} | {r['codistill_ms']:.1f} | {r['ratio']:.2f} | "
               f"{r['plain_peak_bytes'] / 2**20:,.0f} | {r['codistill_peak_bytes'] / 2**20:,.0f} | "
               f"{r['memory_ratio']:.2f} |")
+    print("\nPeak MB by phase of one more step (where each mode peaks):")
+    print("| case | mode | " + " | ".join(PHASES) + " |")
+    print("|---|---|" + "---|" * len(PHASES))
+    for r in rows:
+        for mode in ("plain", "codistill"):
+            phases = r[f"{mode}_peak_bytes_by_phase"]
+            print(f"| {r['case']} | {mode} | " + " | ".join(
+                f"{phases[p] / 2**20:,.0f}" if p in phases else "-" for p in PHASES) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

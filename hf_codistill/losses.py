@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 
@@ -62,36 +61,57 @@ def distillation_loss(
     copying the logits (and, on GPU, without the host sync of a boolean index): for causal LMs, where nearly every
     position carries a label.
     """
-    if student_logits.shape[-1] != peer_logits.shape[-1]:
-        raise ValueError(
-            f"Codistilled models must predict over the same output space: this model's logits have "
-            f"{student_logits.shape[-1]} classes, its peer's {peer_logits.shape[-1]}. Give every group the same "
-            "number of labels / vocabulary size."
-        )
+    return _mean_distillation(student_logits, [[peer_logits]], loss_type, temperature, position_mask)
+
+
+def _mean_distillation(student: torch.Tensor, peers: list, loss_type: str, temperature: float,
+                       position_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over peers of `distillation_loss`; each peer is an iterable of row blocks of its (positions, classes)
+    logits, in order, which together cover the student's positions."""
     if loss_type not in ("kl", "ce", "mse"):
         raise ValueError(f"Unknown `codistill_loss` {loss_type!r}: use 'kl', 'ce' or 'mse'.")
-    if loss_type != "mse" and student_logits.shape[-1] < 2:
+    if loss_type != "mse" and student.shape[-1] < 2:
         raise ValueError(
             f"`codistill_loss={loss_type!r}` compares class probabilities, but the model has a single output (a "
             "regression head), whose softmax is always 1: the term would be 0. Use `codistill_loss='mse'`."
         )
-    if peer_logits.shape[0] != student_logits.shape[0]:
-        raise ValueError(f"The peer's logits cover {peer_logits.shape[0]} positions, this model's "
-                         f"{student_logits.shape[0]}: both must be taken at the same positions.")
-    if position_mask is not None and position_mask.numel() != student_logits.shape[0]:
-        raise ValueError(f"`position_mask` has {position_mask.numel()} entries for {student_logits.shape[0]} positions.")
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
+    if position_mask is not None and position_mask.numel() != student.shape[0]:
+        raise ValueError(f"`position_mask` has {position_mask.numel()} entries for {student.shape[0]} positions.")
     if position_mask is not None:
-        position_mask = position_mask.reshape(-1, 1).to(device=student_logits.device, dtype=torch.bool)
-    if loss_type == "mse":
-        difference = student_logits.float() - peer_logits.detach().float()
+        position_mask = position_mask.reshape(-1, 1).to(device=student.device, dtype=torch.bool)
+    if loss_type != "mse":
+        return _SoftTargetLoss.apply(student, peers, temperature, loss_type == "ce", position_mask)
+    losses = []
+    for blocks in peers:
+        peer = torch.cat([block.detach() for block in blocks])
+        _check_output_space(student, peer)
+        _check_positions(student, peer.shape[0])
+        if student.shape[0] == 0:
+            losses.append(student.sum() * 0.0)
+            continue
+        difference = student.float() - peer.float()
         if position_mask is None:
-            return difference.pow(2).mean()
+            losses.append(difference.pow(2).mean())
+            continue
         # Masked before squaring, so that unscored positions pass no gradient even when they hold inf or NaN.
         difference = difference.masked_fill(~position_mask, 0.0)
-        return difference.pow(2).sum() / (position_mask.sum().clamp(min=1) * difference.shape[-1])
-    return _SoftTargetLoss.apply(student_logits, peer_logits.detach(), temperature, loss_type == "ce", position_mask)
+        losses.append(difference.pow(2).sum() / (position_mask.sum().clamp(min=1) * difference.shape[-1]))
+    return torch.stack(losses).mean()
+
+
+def _check_output_space(student: torch.Tensor, peer: torch.Tensor) -> None:
+    if student.shape[-1] != peer.shape[-1]:
+        raise ValueError(
+            f"Codistilled models must predict over the same output space: this model's logits have "
+            f"{student.shape[-1]} classes, its peer's {peer.shape[-1]}. Give every group the same "
+            "number of labels / vocabulary size."
+        )
+
+
+def _check_positions(student: torch.Tensor, peer_positions: int) -> None:
+    if peer_positions != student.shape[0]:
+        raise ValueError(f"The peer's logits cover {peer_positions} positions, this model's {student.shape[0]}: "
+                         "both must be taken at the same positions.")
 
 
 def whole_sequence_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool):
@@ -133,10 +153,11 @@ def distillation_to_peers(
 ) -> torch.Tensor:
     """Mean over peers of `distillation_loss(student, peer)` at the positions that carry a label.
 
-    Each peer's logits come whole (shaped like the student's) or already at the scored positions, (positions,
-    classes), as `peer_forward.peer_logits_at_labels` / `peer_logits_at_positions` give them. `peer_logits` may be
-    a generator: each peer's logits are used and dropped before the next peer's are made. For causal LMs,
-    `positions` (from `sample_positions`, indices into the flattened batch x positions) scores only those.
+    Each peer's logits come whole (shaped like the student's), already at the scored positions, (positions,
+    classes), as `peer_forward.peer_logits_at_labels` / `peer_logits_at_positions` give them, or, for a causal LM
+    scored whole, as an iterable of row blocks of the flattened logits made only when they are scored
+    (`peer_forward.peer_logits_in_slices`). For causal LMs, `positions` (from `sample_positions`, indices into the
+    flattened batch x positions) scores only those.
     """
     mask = whole_sequence_mask(student_logits, labels, causal_lm)
     if mask is not None:
@@ -145,8 +166,12 @@ def distillation_to_peers(
             student, mask = student.index_select(0, positions), mask.index_select(0, positions)
     else:
         student = select_labelled_positions(student_logits, labels, shift_labels=causal_lm)
-    losses = []
-    for peer in peer_logits:
+
+    def at_scored_positions(peer):
+        if not isinstance(peer, torch.Tensor):
+            if mask is None or positions is not None:
+                raise TypeError("Peer logits in row blocks are only taken for causal LMs scored at every position.")
+            return peer
         if peer.dim() == student_logits.dim():  # whole: take the student's positions
             if mask is None:
                 peer = select_labelled_positions(peer, labels, shift_labels=causal_lm)
@@ -154,8 +179,10 @@ def distillation_to_peers(
                 peer = peer.reshape(-1, peer.shape[-1])
                 if positions is not None:
                     peer = peer.index_select(0, positions)
-        losses.append(distillation_loss(student, peer, loss_type, temperature, mask))
-    return torch.stack(losses).mean()
+        return [peer]
+
+    return _mean_distillation(student, [at_scored_positions(peer) for peer in peer_logits], loss_type, temperature,
+                              mask)
 
 
 # fp32 elements per chunk of positions (64 MB): a GPT-2 batch of 16 x 512 tokens would otherwise hold several
@@ -164,43 +191,40 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 class _SoftTargetLoss(torch.autograd.Function):
-    """T² / N · Σ_positions KL (or cross-entropy) of softmax(student / T) against softmax(peer / T), in fp32 chunks.
+    """T² / N · mean over peers of Σ_positions KL (or cross-entropy) of softmax(student / T) against softmax(peer / T),
+    in fp32 chunks of positions.
 
     One pass over the vocabulary: each chunk's softmaxes give both the loss and the gradient, which is the same for
-    KL and cross-entropy, T / N · (softmax(student / T) - softmax(peer / T)). Only that gradient is kept for the
-    backward pass, in the student's precision, so neither the peer's logits nor a copy of the student's outlive the
-    forward, and the backward pass only scales it. Products are taken in place in the chunk's buffers.
+    KL and cross-entropy, T / N · (softmax(student / T) - mean over peers of softmax(peer / T)). Only that gradient is
+    kept for the backward pass, in the student's precision, one tensor whatever the number of peers, so neither the
+    peers' logits nor a copy of the student's outlive the forward, and the backward pass only scales it. Products are
+    taken in place in the chunk's buffers.
+
+    Each peer comes as row blocks of its logits (`peers[j]` iterable, all peers' blocks of the same sizes): a block
+    may be made only when it is scored (`peer_forward.peer_logits_in_slices`), so a peer's whole logits never exist.
     """
 
     @staticmethod
-    def forward(ctx, student, peer, temperature: float, with_entropy: bool, position_mask=None):
-        compute_dtype = torch.promote_types(student.dtype, torch.float32)
-        rows = max(1, _CHUNK_ELEMENTS // student.shape[-1])
-        total = torch.zeros((), dtype=compute_dtype, device=student.device)
+    def forward(ctx, student, peers, temperature: float, with_entropy: bool, position_mask=None):
+        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         grad = torch.empty_like(student)
-        masks = position_mask.split(rows) if position_mask is not None else itertools.repeat(None)
-        for student_chunk, peer_chunk, grad_chunk, mask in zip(student.split(rows), peer.split(rows),
-                                                                grad.split(rows), masks):
-            student_log_probs = F.log_softmax(_softened(student_chunk, compute_dtype, temperature), dim=-1)
-            peer_log_probs = F.log_softmax(_softened(peer_chunk, compute_dtype, temperature), dim=-1)
-            target = peer_log_probs.exp()
-            # Σ target · (log target - log student) (KL) or Σ -target · log student (CE), in the peer's buffer.
-            if with_entropy:
-                terms = torch.mul(student_log_probs, target, out=peer_log_probs).neg_()
-            else:
-                terms = peer_log_probs.sub_(student_log_probs).mul_(target)
-            gradient = student_log_probs.exp_().sub_(target)
-            if mask is not None:
-                # Unscored positions: no loss and no gradient, whatever their logits hold (inf or NaN included).
-                unscored = ~mask
-                terms.masked_fill_(unscored, 0.0)
-                gradient.masked_fill_(unscored, 0.0)
-            total += terms.sum()
-            grad_chunk.copy_(gradient)
-        count = position_mask.sum().clamp(min=1) if position_mask is not None else student.shape[0]
+        iterators = [iter(blocks) for blocks in peers]
+        rows_done = 0
+        while True:
+            # One block of each peer at a time, the last ones dropped before the next are made.
+            blocks = [next(blocks, None) for blocks in iterators]
+            if all(block is None for block in blocks):
+                break
+            if any(block is None or block.shape[0] != blocks[0].shape[0] for block in blocks):
+                raise ValueError("The peers' logits must come in row blocks of the same sizes.")
+            rows_done += _score_block(student, blocks, rows_done, temperature, with_entropy, position_mask, total,
+                                      grad)
+            del blocks
+        _check_positions(student, rows_done)
+        count = position_mask.sum().clamp(min=1) if position_mask is not None else max(1, student.shape[0])
         ctx.save_for_backward(grad)
         ctx.scale = temperature / count
-        return total * temperature**2 / count
+        return total * temperature**2 / (count * max(1, len(peers)))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -210,6 +234,45 @@ class _SoftTargetLoss(torch.autograd.Function):
         # A second backward through the same graph would fail autograd's version check rather than go wrong. The
         # factor stays in fp32: an fp16 loss scale times T / N can exceed fp16's range although the product does not.
         return grad.mul_(grad_output * ctx.scale), None, None, None, None
+
+
+def _score_block(student, blocks, first_row: int, temperature: float, with_entropy: bool, position_mask, total,
+                 grad) -> int:
+    """Add the peers' `blocks` (rows `first_row` on of every peer's logits) to `total` and their gradient to `grad`,
+    in chunks of positions; return the block's number of rows."""
+    compute_dtype = total.dtype
+    block_rows = blocks[0].shape[0]
+    for block in blocks:
+        _check_output_space(student, block)
+    if first_row + block_rows > student.shape[0]:
+        _check_positions(student, first_row + block_rows)
+    chunk_rows = max(1, _CHUNK_ELEMENTS // student.shape[-1])
+    for start in range(0, block_rows, chunk_rows):
+        rows = slice(first_row + start, first_row + min(start + chunk_rows, block_rows))
+        student_log_probs = F.log_softmax(_softened(student[rows], compute_dtype, temperature), dim=-1)
+        unscored = ~position_mask[rows] if position_mask is not None else None
+        mean_target = None
+        for block in blocks:
+            peer_chunk = block[start:start + chunk_rows].detach()
+            peer_log_probs = F.log_softmax(_softened(peer_chunk, compute_dtype, temperature), dim=-1)
+            target = peer_log_probs.exp()
+            # Σ target · (log target - log student) (KL) or Σ -target · log student (CE), in the peer's buffer.
+            if with_entropy:
+                terms = torch.mul(student_log_probs, target, out=peer_log_probs).neg_()
+            else:
+                terms = peer_log_probs.sub_(student_log_probs).mul_(target)
+            if unscored is not None:
+                # Unscored positions: no loss and no gradient, whatever their logits hold (inf or NaN included).
+                terms.masked_fill_(unscored, 0.0)
+            total += terms.sum()
+            mean_target = target if mean_target is None else mean_target.add_(target)
+        if len(blocks) > 1:
+            mean_target.div_(len(blocks))
+        gradient = student_log_probs.exp_().sub_(mean_target)
+        if unscored is not None:
+            gradient.masked_fill_(unscored, 0.0)
+        grad[rows].copy_(gradient)
+    return block_rows
 
 
 def _softened(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:

@@ -4,11 +4,16 @@ The distillation term compares predictions at the positions that carry a label (
 for causal LMs, every example for classification). For language models most of a forward pass past the encoder is
 the vocabulary projection, so the peer runs its output head (`get_output_embeddings()`) on the labelled positions
 only: with 15% masking, an MLM peer projects 15% of the tokens. (Causal LMs label nearly every position; for them
-`CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead, or, with
-`codistill_position_fraction` < 1, runs the head at a random sample of positions.)
+`CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead, a slice of the
+batch at a time so that its whole logits never exist at once, or, with `codistill_position_fraction` < 1, runs the
+head at a random sample of positions.)
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -41,6 +46,39 @@ def logits_of(outputs, with_loss: bool = False) -> torch.Tensor:
                              f"{sorted(outputs.keys())}: use a model with a classification or language-model head.")
         return outputs["logits"]
     return outputs[1] if with_loss else outputs[0]
+
+
+# Peer logits made at once when a causal LM is scored whole, in elements (256 MB in bf16): GPT-2's 16 x 512 tokens
+# x 50,257 classes come in 4 slices of the batch, each a forward pass still large enough to keep a GPU busy.
+PEER_LOGITS_PER_SLICE = 1 << 27
+
+
+def peer_logits_in_slices(peer: nn.Module, inputs: dict, batch_shape: tuple[int, int], num_classes: int,
+                          context: Callable[[], AbstractContextManager]) -> Iterator[torch.Tensor]:
+    """The peer's whole logits as (slice rows x positions, classes) blocks, one slice of the batch at a time.
+
+    Run lazily, as the loss scores each block (`losses._SoftTargetLoss`), so that at most one slice's logits exist:
+    a GPT-2 batch of 16 x 512 tokens has 823 MB of them in bf16. Input tensors whose first dimension is the batch's
+    are sliced; others are passed whole. `context()` wraps each slice's forward (no_grad, autocast).
+    """
+    batch, positions = batch_shape
+    slices = max(1, math.ceil(batch * positions * num_classes / PEER_LOGITS_PER_SLICE))
+    rows = math.ceil(batch / slices)
+    for start in range(0, batch, rows):
+        part = {key: value[start:start + rows] if _has_batch_dim(value, batch) else value
+                for key, value in inputs.items()}
+        # Yielded straight from the call: no local of this frame keeps a slice alive while the next one is made.
+        yield _flat_logits(peer, part, context)
+
+
+def _flat_logits(peer: nn.Module, inputs: dict, context) -> torch.Tensor:
+    with context():
+        logits = logits_of(peer(**inputs))
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _has_batch_dim(value, batch: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
 
 
 def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -38,6 +39,7 @@ from .peer_forward import (
     logits_of,
     peer_logits_at_labels,
     peer_logits_at_positions,
+    peer_logits_in_slices,
 )
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
@@ -319,22 +321,29 @@ class CodistillTrainer(Trainer):
         student_logits = logits_of(outputs, with_loss=True)
         causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        # Causal LMs are scored whole (the peer runs whole) or at sampled positions; otherwise the peer's head runs
-        # at the labelled positions.
+        # Causal LMs are scored whole (the peer runs whole, a slice of the batch at a time, as the loss scores it) or
+        # at sampled positions; otherwise the peer's head runs at the labelled positions.
         whole_mask = whole_sequence_mask(student_logits, labels, causal_lm)
         positions = scored_sample(whole_mask, self.args.codistill_position_fraction)
 
         def peer_logits(peer):
-            with torch.no_grad(), self.accelerator.autocast():
+            if whole_mask is not None and positions is None:
+                return peer_logits_in_slices(peer, peer_inputs, labels.shape, student_logits.shape[-1],
+                                             self._peer_forward_context)
+            with self._peer_forward_context():
                 if positions is not None:
                     return peer_logits_at_positions(peer, peer_inputs, positions, labels.shape)
-                if whole_mask is not None:
-                    return logits_of(peer(**peer_inputs))
                 return peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=causal_lm)
 
         peers = (peer_logits(peer) for peer in self.peer_copies.models())
         return distillation_to_peers(student_logits, peers, labels, causal_lm, self.args.codistill_loss,
                                      self.args.codistill_temperature, positions)
+
+    @contextlib.contextmanager
+    def _peer_forward_context(self):
+        """The peers' forward: no autograd graph, and the training precision (autocast) of the student's."""
+        with torch.no_grad(), self.accelerator.autocast():
+            yield
 
     # ---- Evaluation -----------------------------------------------------------------------------------------
 

@@ -26,6 +26,10 @@ def test_step_overhead_smoke(tmp_path):
     assert [r["case"] for r in rows] == ["bert-mlm", "gpt2-clm", "vit"]
     assert all(r["plain_ms"] > 0 and r["codistill_ms"] > 0 and r["plain_peak_bytes"] > 0 for r in rows)
     assert "| case | batch | plain ms | codistill ms | ratio |" in out
+    # Where each mode peaks: every phase of a step has a peak, the distillation term only in codistillation.
+    assert all(set(r["codistill_peak_bytes_by_phase"]) == {"forward", "distillation", "backward", "optimizer"}
+               and set(r["plain_peak_bytes_by_phase"]) == {"forward", "backward", "optimizer"} for r in rows)
+    assert "| case | mode | forward | distillation | backward | optimizer |" in out
     # The trainer's sampled-positions path for causal LMs.
     out = run(BENCHMARKS / "step_overhead.py", "--smoke", "--cases", "gpt2-clm", "--position_fraction", "0.25")
     assert "causal-LM position fraction 0.25" in out and "| gpt2-clm |" in out

@@ -1,6 +1,7 @@
 """The distillation term against hand computations, with ignored positions."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -233,3 +234,51 @@ def test_distillation_at_sampled_positions_scores_those_rows(batch):
         value = distillation_to_peers(student, peers, labels, True, "kl", 1.0, positions)
         assert value.item() == pytest.approx(expected, rel=1e-9)
     assert mask[positions].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "ce", "mse"])
+def test_peers_in_row_blocks_give_the_mean_over_peers_of_the_whole_term(loss_type, monkeypatch):
+    """Three peers scored in one pass, each made in blocks of 4 rows that chunks of 3 cut across, with unscored
+    positions: the value and gradient of the mean over peers of plain autograd on whole logits."""
+    import hf_codistill.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 7)
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    peers = [torch.randn(2, 5, 7, dtype=torch.float64) for _ in range(3)]
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, 2] = labels[1, 4] = -100
+    made = []
+
+    def blocks(peer):
+        earlier = []
+        for start in range(0, 10, 4):
+            made.append(start)
+            if loss_type != "mse":  # (mse concatenates them)
+                # The loss has dropped this peer's earlier blocks before it asks for the next one.
+                assert all(block() is None for block in earlier)
+            block = peer.reshape(-1, 7)[start:start + 4]
+            earlier.append(weakref.ref(block))
+            yield block
+            del block
+
+    value = distillation_to_peers(student, [blocks(p) for p in peers], labels, True, loss_type, 2.0)
+    (grad,) = torch.autograd.grad(value, student)
+    reference = student.detach().clone().requires_grad_(True)
+    expected = torch.stack([distillation_to_peers(reference, [p], labels, True, loss_type, 2.0)
+                            for p in peers]).mean()
+    (expected_grad,) = torch.autograd.grad(expected, reference)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert sorted(made) == [0, 0, 0, 4, 4, 4, 8, 8, 8]
+
+
+def test_peer_blocks_that_do_not_cover_the_positions_are_refused(batch):
+    student, peer, labels = batch
+    flat = peer.reshape(-1, 5)
+    with pytest.raises(ValueError, match="peer's logits cover 6 positions, this model's 8"):
+        distillation_to_peers(student, [iter([flat[:3], flat[3:6]])], labels, True)
+    with pytest.raises(ValueError, match="cover 12 positions, this model's 8"):
+        distillation_to_peers(student, [iter([flat, flat[:4]])], labels, True)
+    with pytest.raises(TypeError, match="only taken for causal LMs scored at every position"):
+        distillation_to_peers(student, [iter([flat])], labels, False)

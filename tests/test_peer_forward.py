@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
-from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments, peer_forward
 from hf_codistill.losses import distillation_loss, sample_positions, select_labelled_positions, whole_sequence_mask
 from hf_codistill.peer_forward import peer_logits_at_labels, peer_logits_at_positions
 
@@ -109,3 +109,35 @@ def test_trainer_scores_a_causal_lm_at_sampled_positions(tmp_path):
                                      peer(input_ids=ids).logits.reshape(-1, 100)[positions],
                                      position_mask=mask[positions])
     torch.testing.assert_close(term, expected)
+
+
+def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path, monkeypatch):
+    """With room for 2 sequences' logits, a batch of 5 runs the peer on 2 + 2 + 1 sequences (with their attention
+    masks), each slice as the loss scores it; the term equals the one between the whole forwards."""
+    monkeypatch.setattr(peer_forward, "PEER_LOGITS_PER_SLICE", 2 * 12 * 100)
+    torch.manual_seed(0)
+    student, _ = _gpt2()
+    peer, _ = _gpt2()
+    peer.eval()
+    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
+                                                                             report_to="none"))
+    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    ids = torch.randint(0, 100, (5, 12))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[3, 9:] = 0
+    labels = torch.where(attention_mask.bool(), ids, torch.full_like(ids, -100))
+    inputs = {"input_ids": ids, "attention_mask": attention_mask}
+    outputs = student(**inputs)
+    slices = []
+    handle = peer.register_forward_pre_hook(
+        lambda module, args, kwargs: slices.append((kwargs["input_ids"].shape[0], torch.is_grad_enabled())),
+        with_kwargs=True)
+    term = trainer._distillation_term(student, outputs, inputs, labels)
+    handle.remove()
+    assert slices == [(2, False), (2, False), (1, False)]
+    with torch.no_grad():
+        expected = distillation_loss(select_labelled_positions(outputs.logits, labels, True),
+                                     select_labelled_positions(peer(**inputs).logits, labels, True))
+    torch.testing.assert_close(term, expected)
+    term.backward()
+    assert student.transformer.wte.weight.grad.abs().sum() > 0
