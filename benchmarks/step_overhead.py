@@ -277,7 +277,7 @@ def main():
     parser.add_argument("--peer_dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="`codistill_peer_dtype` of the codistillation step (default: the model's).")
     parser.add_argument("--position_fraction", type=float, default=1.0,
-                        help="`codistill_position_fraction` of the codistillation step (causal LMs).")
+                        help="`codistill_position_fraction` of the codistillation step (language models).")
     parser.add_argument("--batch_size", type=int, default=None, help="Replaces each case's batch size.")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps; the median is reported.")
     parser.add_argument("--warmup", type=int, default=5)
@@ -305,7 +305,7 @@ def main():
                      "codistill_peak_bytes_by_phase": codistill["peak_bytes_by_phase"]})
     memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
     print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, peers: "
-          f"{args.peer_dtype or 'model precision'}, causal-LM position fraction {args.position_fraction}, median of "
+          f"{args.peer_dtype or 'model precision'}, LM position fraction {args.position_fraction}, median of "
           f"{args.steps} steps; memory: {memory}")
     print("| case | batch | plain ms | codistill ms | ratio | plain peak MB | codistill peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")

@@ -114,15 +114,21 @@ def _check_positions(student: torch.Tensor, peer_positions: int) -> None:
                          "both must be taken at the same positions.")
 
 
+def token_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool) -> torch.Tensor | None:
+    """The (batch x positions,) mask of a language model's scored positions, flattened; None for one label per
+    example (classifiers) or no labels."""
+    if labels is None or labels.dim() != 2 or labels.shape != student_logits.shape[:-1]:
+        return None
+    return scored_positions(labels, shift_labels=causal_lm).reshape(-1)
+
+
 def whole_sequence_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool):
     """The (positions,) mask with which a causal LM's logits are scored whole, or None where positions are gathered.
 
     A causal LM labels nearly every position: scoring them all and masking the few without a label avoids copies of
     the (positions x vocabulary) logits and, on GPU, the host sync of a boolean index.
     """
-    if not causal_lm or labels is None or labels.shape != student_logits.shape[:-1]:
-        return None
-    return scored_positions(labels, shift_labels=True).reshape(-1)
+    return token_mask(student_logits, labels, causal_lm) if causal_lm else None
 
 
 def sample_positions(mask: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -135,11 +141,11 @@ def sample_positions(mask: torch.Tensor, fraction: float) -> torch.Tensor:
     return scores.topk(count, sorted=False).indices
 
 
-def scored_sample(whole_mask: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
-    """`sample_positions` of a causal LM's scored positions (`whole_sequence_mask`), or None to score them all."""
-    if whole_mask is None or fraction >= 1.0:
+def scored_sample(scored: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """`sample_positions` of a language model's scored positions (`token_mask`), or None to score them all."""
+    if scored is None or fraction >= 1.0:
         return None
-    return sample_positions(whole_mask, fraction)
+    return sample_positions(scored, fraction)
 
 
 def distillation_to_peers(
@@ -156,16 +162,19 @@ def distillation_to_peers(
     Each peer's logits come whole (shaped like the student's), already at the scored positions, (positions,
     classes), as `peer_forward.peer_logits_at_labels` / `peer_logits_at_positions` give them, or, for a causal LM
     scored whole, as an iterable of row blocks of the flattened logits made only when they are scored
-    (`peer_forward.peer_logits_in_slices`). For causal LMs, `positions` (from `sample_positions`, indices into the
-    flattened batch x positions) scores only those.
+    (`peer_forward.peer_logits_in_slices`). For language models, `positions` (from `sample_positions`, indices into
+    the flattened batch x positions) scores only those, the unlabelled ones among them masked.
     """
-    mask = whole_sequence_mask(student_logits, labels, causal_lm)
-    if mask is not None:
-        student = student_logits.reshape(-1, student_logits.shape[-1])
-        if positions is not None:
-            student, mask = student.index_select(0, positions), mask.index_select(0, positions)
+    if positions is not None:
+        scored = token_mask(student_logits, labels, causal_lm)
+        if scored is None:
+            raise ValueError("Sampled `positions` need a label per position (a language model's labels).")
+        mask = scored.index_select(0, positions)
+        student = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, positions)
     else:
-        student = select_labelled_positions(student_logits, labels, shift_labels=causal_lm)
+        mask = whole_sequence_mask(student_logits, labels, causal_lm)
+        student = (student_logits.reshape(-1, student_logits.shape[-1]) if mask is not None
+                   else select_labelled_positions(student_logits, labels, shift_labels=causal_lm))
 
     def at_scored_positions(peer):
         if not isinstance(peer, torch.Tensor):

@@ -52,7 +52,7 @@ from .checkpointing import (
 )
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
-from .losses import distillation_to_peers, scored_sample, whole_sequence_mask
+from .losses import distillation_to_peers, scored_sample, token_mask
 from .peer_forward import in_precision, is_causal_lm, logits_of
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
@@ -585,8 +585,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         """mean over the other models j of D(f_group(x), f_j(x)) at the positions that carry a label."""
         # Peers run whole here (one model's predictions may serve every other model): sampling positions saves the
         # loss's work, not the peers' output head.
-        positions = scored_sample(whole_sequence_mask(logits, labels, self._causal_lm),
-                                  self.args.codistill_position_fraction)
+        positions = scored_sample(token_mask(logits, labels, self._causal_lm), self.args.codistill_position_fraction)
         peers = (self._peer_logits(peer, peer_inputs) for peer in range(self.num_groups) if peer != group)
         return distillation_to_peers(logits, peers, labels, self._causal_lm, self.args.codistill_loss,
                                      self.args.codistill_temperature, positions)

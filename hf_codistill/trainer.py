@@ -30,7 +30,7 @@ from .checkpointing import (
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
-from .losses import distillation_to_peers, scored_sample, whole_sequence_mask
+from .losses import distillation_to_peers, scored_sample, token_mask, whole_sequence_mask
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
 from .peer_forward import (
@@ -321,10 +321,11 @@ class CodistillTrainer(Trainer):
         student_logits = logits_of(outputs, with_loss=True)
         causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        # Causal LMs are scored whole (the peer runs whole, a slice of the batch at a time, as the loss scores it) or
-        # at sampled positions; otherwise the peer's head runs at the labelled positions.
+        # Language models may be scored at sampled positions (`codistill_position_fraction`); otherwise causal LMs are
+        # scored whole (the peer runs a slice of the batch at a time, as the loss scores it), and the peer's head runs
+        # at the labelled positions of others.
+        positions = scored_sample(token_mask(student_logits, labels, causal_lm), self.args.codistill_position_fraction)
         whole_mask = whole_sequence_mask(student_logits, labels, causal_lm)
-        positions = scored_sample(whole_mask, self.args.codistill_position_fraction)
 
         def peer_logits(peer):
             if whole_mask is not None and positions is None:

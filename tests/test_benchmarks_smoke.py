@@ -30,9 +30,10 @@ def test_step_overhead_smoke(tmp_path):
     assert all(set(r["codistill_peak_bytes_by_phase"]) == {"forward", "distillation", "backward", "optimizer"}
                and set(r["plain_peak_bytes_by_phase"]) == {"forward", "backward", "optimizer"} for r in rows)
     assert "| case | mode | forward | distillation | backward | optimizer |" in out
-    # The trainer's sampled-positions path for causal LMs.
-    out = run(BENCHMARKS / "step_overhead.py", "--smoke", "--cases", "gpt2-clm", "--position_fraction", "0.25")
-    assert "causal-LM position fraction 0.25" in out and "| gpt2-clm |" in out
+    # The trainer's sampled-positions path, causal and masked LMs.
+    out = run(BENCHMARKS / "step_overhead.py", "--smoke", "--cases", "gpt2-clm,bert-mlm", "--position_fraction",
+              "0.25")
+    assert "LM position fraction 0.25" in out and "| gpt2-clm |" in out and "| bert-mlm |" in out
 
 
 def test_communication_smoke(tmp_path):

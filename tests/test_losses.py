@@ -282,3 +282,17 @@ def test_peer_blocks_that_do_not_cover_the_positions_are_refused(batch):
         distillation_to_peers(student, [iter([flat, flat[:4]])], labels, True)
     with pytest.raises(TypeError, match="only taken for causal LMs scored at every position"):
         distillation_to_peers(student, [iter([flat])], labels, False)
+
+
+def test_a_masked_lm_at_sampled_positions_scores_its_labelled_ones_among_them(batch):
+    """MLM labels are not shifted: of positions [1, 0, 7, 2], rows 1 and 7 carry a label and are scored."""
+    student, peer, labels = batch
+    positions = torch.tensor([1, 0, 7, 2])
+    flat_student, flat_peer = student.reshape(-1, 5), peer.reshape(-1, 5)
+    expected = _hand_losses(flat_student[[1, 7]], flat_peer[[1, 7]], 2.0)[0]
+    for peers in ([peer], [flat_peer[positions]]):
+        value = distillation_to_peers(student, peers, labels, False, "kl", 2.0, positions)
+        assert value.item() == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="need a label per position"):
+        distillation_to_peers(torch.randn(4, 3), [torch.randn(4, 3)], torch.arange(4) % 3, False, "kl", 1.0,
+                              torch.tensor([0, 1]))

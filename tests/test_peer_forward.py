@@ -1,5 +1,6 @@
 """The peer's head runs on the labelled positions only, and gives exactly the logits a full forward selects."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments, peer_forward
-from hf_codistill.losses import distillation_loss, sample_positions, select_labelled_positions, whole_sequence_mask
+from hf_codistill.losses import distillation_loss, sample_positions, select_labelled_positions, token_mask
 from hf_codistill.peer_forward import peer_logits_at_labels, peer_logits_at_positions
 
 
@@ -86,24 +87,30 @@ def test_head_at_sampled_positions_matches_full_forward():
     assert projected[0] == (4, 100)
 
 
-def test_trainer_scores_a_causal_lm_at_sampled_positions(tmp_path):
-    """`codistill_position_fraction=0.5`: the term over the positions `sample_positions` draws (unlabelled masked)."""
+@pytest.mark.parametrize("build,fraction,labelled", [(_gpt2, 0.5, 0.9), (_bert, 0.2, 0.15)])
+def test_trainer_scores_a_language_model_at_sampled_positions(build, fraction, labelled, tmp_path):
+    """`codistill_position_fraction`: the term over the positions `sample_positions` draws (unlabelled ones masked),
+    with the peer's head on those only; for MLM a fixed count above the masking rate instead of a gather."""
     torch.manual_seed(0)
-    student, _ = _gpt2()
-    peer, _ = _gpt2()
+    student, causal = build()
+    peer, _ = build()
     peer.eval()
-    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill_position_fraction=0.5)
+    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
+                                      codistill_position_fraction=fraction)
     trainer = CodistillTrainer(model=student, args=args)
     trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
     ids = torch.randint(0, 100, (3, 12))
-    labels = torch.where(torch.rand(3, 12) < 0.9, ids, torch.full_like(ids, -100))
+    labels = torch.where(torch.rand(3, 12) < labelled, ids, torch.full_like(ids, -100))
     outputs = student(input_ids=ids)
+    projected = []
+    handle = peer.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
     torch.manual_seed(7)
     term = trainer._distillation_term(student, outputs, {"input_ids": ids}, labels)
+    handle.remove()
     torch.manual_seed(7)
-    mask = whole_sequence_mask(outputs.logits, labels, causal_lm=True)
-    positions = sample_positions(mask, 0.5)
-    assert positions.numel() == 18
+    mask = token_mask(outputs.logits, labels, causal)
+    positions = sample_positions(mask, fraction)
+    assert positions.numel() == math.ceil(fraction * 36) and projected == [(positions.numel(), 100)]
     with torch.no_grad():
         expected = distillation_loss(outputs.logits.reshape(-1, 100)[positions],
                                      peer(input_ids=ids).logits.reshape(-1, 100)[positions],
@@ -141,3 +148,29 @@ def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path
     torch.testing.assert_close(term, expected)
     term.backward()
     assert student.transformer.wte.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("build,fraction", [(_gpt2, 0.5), (_bert, 0.2)])
+def test_one_process_scores_language_models_at_sampled_positions(build, fraction, tmp_path):
+    """The list-of-models trainer samples the same way (its peers run whole, the loss takes the sampled rows)."""
+    torch.manual_seed(0)
+    student, causal = build()
+    peer, _ = build()
+    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill=True,
+                                      codistill_position_fraction=fraction, codistill_sync_every=1)
+    trainer = CodistillTrainer(model=[student, peer], args=args)
+    trainer._start_codistillation()
+    ids = torch.randint(0, 100, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
+    logits = student(input_ids=ids).logits
+    torch.manual_seed(7)
+    term = trainer._distillation_to_peers(0, logits, {"input_ids": ids}, labels)
+    torch.manual_seed(7)
+    mask = token_mask(logits, labels, causal)
+    positions = sample_positions(mask, fraction)
+    with torch.no_grad():
+        peer.eval()
+        expected = distillation_loss(logits.reshape(-1, 100)[positions],
+                                     peer(input_ids=ids).logits.reshape(-1, 100)[positions],
+                                     position_mask=mask[positions])
+    torch.testing.assert_close(term, expected)
