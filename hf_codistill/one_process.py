@@ -119,7 +119,14 @@ class PerModelOrderSampler(torch.utils.data.Sampler[int]):
 
 
 def split_per_model(batch: dict, num_models: int) -> list[dict]:
-    """Cut a collated batch of G equal sub-batches (along the first dimension) into one batch per model."""
+    """Cut a collated batch of G equal sub-batches (along the first dimension) into one batch per model.
+
+    A stream's last batch may hold fewer examples than there are models: each model then gets all of them, rather
+    than some models an empty batch that their forward cannot take.
+    """
+    sizes = [len(value) for value in batch.values() if isinstance(value, (torch.Tensor, list, tuple))]
+    if sizes and sizes[0] < num_models:
+        return [dict(batch) for _ in range(num_models)]
     parts = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):

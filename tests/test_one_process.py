@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import shutil
 
 import numpy as np
@@ -167,6 +168,29 @@ def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
     trainer.train()
     assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16)] * 3
     assert all(seen[2 * step][2] != seen[2 * step + 1][2] for step in range(3))
+
+
+def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp_path):
+    """33 examples, b = 16, G = 2: the stream's last batch holds 1 example; both models train on it (no empty batch)."""
+    train, _ = digits_dataset(33)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (train[index] for index in range(len(train)))
+
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=4), train_dataset=Stream())
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        seen.append((trainer.models.index(model), inputs["pixel_values"].shape[0], float(inputs["pixel_values"].sum())))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16), (0, 1), (1, 1)] * 2
+    assert seen[2][2] == seen[3][2] == float(train[32]["pixel_values"].sum())
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
 def test_input_tokens_seen_are_model_zeros(tmp_path):
