@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A device session's GPU work for issues 5 and 6, in steps that each fit one `run` call (at most 10 minutes).
 #
-#   bash benchmarks/gpu_session.sh prepare    # here, on the CPU machine: fill .device/ (wheels, Fashion-MNIST; 32 MB)
+#   bash benchmarks/gpu_session.sh prepare    # here, on the CPU machine: fill .device/ (wheels, Fashion-MNIST; 33 MB)
 #   bash benchmarks/gpu_session.sh overhead   # on the GPU: step overhead (gpu_step_overhead.sh), ~5 min
 #   bash benchmarks/gpu_session.sh study      # on the GPU, carrying .device: the --gpu ViT study, one seed, <= 8 min
 #

@@ -94,8 +94,8 @@ class CodistillTrainingArguments(TrainingArguments):
             to it for the peers' forward; the models themselves train, save and evaluate in full precision.
         codistill_position_fraction (`float`, *optional*, defaults to `1.0`):
             Language models: score the distillation term at ceil(fraction x positions) positions of the batch,
-            drawn at random every step, labelled ones first (unlabelled ones among them do not count); the peers'
-            output head runs only there. A count fixed by the batch's shape needs no host sync. Causal LMs label
+            drawn at random every step, labelled ones first (unlabelled ones among them do not count); launched
+            groups run the peers' output head only there (one process runs its peers whole and samples the loss). A count fixed by the batch's shape needs no host sync. Causal LMs label
             every position, so their term costs a full-vocabulary softmax per token and the peer's head about a third
             of its forward (GPT-2); 0.25 cuts both by 4x, with an unbiased but noisier estimate of the term. Masked
             LMs already score only their masked tokens; a fraction a little above the masking rate (0.2 for 15%)
@@ -178,7 +178,7 @@ class CodistillTrainingArguments(TrainingArguments):
     codistill_position_fraction: float = field(
         default=1.0,
         metadata={"help": "Language models: fraction of positions (drawn at random each step, labelled ones first) "
-                  "that the distillation term scores; the peers' output head runs only there."},
+                  "that the distillation term scores; launched groups run the peers' output head only there."},
     )
 
     def __post_init__(self):

@@ -741,6 +741,9 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             return CodistillTrainer.create_model_card(self, *args, **kwargs)
         for group in range(self.num_groups):
             with self._as_group(group):
+                # Trainer makes its output folder at start-up; a group's folder exists only once something is saved
+                # (`--do_eval` without `--do_train` saves nothing).
+                os.makedirs(self.args.output_dir, exist_ok=True)
                 CodistillTrainer.create_model_card(self, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -193,6 +193,13 @@ def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_a_model_card_without_training_has_a_folder_per_model(tmp_path):
+    """`--do_eval` without `--do_train`: nothing is saved, yet each model's card has its group folder to go to."""
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "out"))
+    trainer.create_model_card()
+    assert all("codistillation" in (tmp_path / "out" / f"group_{g}" / "README.md").read_text() for g in (0, 1))
+
+
 def test_input_tokens_seen_are_model_zeros(tmp_path):
     """`include_num_input_tokens_seen` counts model 0's inputs (8 x 8 pixels per image for a ViT), as group 0 does."""
     args = codistill_args(tmp_path, max_steps=3, include_num_input_tokens_seen="all")
