@@ -110,23 +110,26 @@ class _PhasePeaks:
     sampled every 0.5 ms by a thread."""
 
     def __init__(self, cuda: bool):
+        import threading
+
         self.cuda, self.phase, self.peaks = cuda, None, defaultdict(int)
-        self._sampling = False
+        self._sampling, self._lock = False, threading.Lock()
 
     def enter(self, phase):
         import torch
 
         if self.cuda:
-            if self.phase is not None:
-                self._record(torch.cuda.max_memory_allocated())
+            self._record(self.phase, torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         self.phase = phase
         if not self.cuda:
-            self._record(self._rss())  # at least one sample, however short the phase
+            self._record(phase, self._rss())  # at least one sample, however short the phase
 
-    def _record(self, value):
-        if self.phase is not None:
-            self.peaks[self.phase] = max(self.peaks[self.phase], value)
+    def _record(self, phase, value):
+        # `phase` is read before the memory is: a sample never lands in the phase that follows it.
+        if phase is not None:
+            with self._lock:
+                self.peaks[phase] = max(self.peaks[phase], value)
 
     @staticmethod
     def _rss() -> int:
@@ -141,7 +144,8 @@ class _PhasePeaks:
 
         def run():
             while self._sampling:
-                self._record(self._rss())
+                phase = self.phase
+                self._record(phase, self._rss())
                 time.sleep(0.0005)
 
         self._sampling = True

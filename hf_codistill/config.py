@@ -93,14 +93,15 @@ class CodistillTrainingArguments(TrainingArguments):
             the effect on accuracy). Unset: the model's own precision. Floating-point inputs (pixel values) are cast
             to it for the peers' forward; the models themselves train, save and evaluate in full precision.
         codistill_position_fraction (`float`, *optional*, defaults to `1.0`):
-            Language models: score the distillation term at ceil(fraction x positions) positions of the batch,
-            drawn at random every step, labelled ones first (unlabelled ones among them do not count); launched
-            groups run the peers' output head only there (one process runs its peers whole and samples the loss). A count fixed by the batch's shape needs no host sync. Causal LMs label
-            every position, so their term costs a full-vocabulary softmax per token and the peer's head about a third
-            of its forward (GPT-2); 0.25 cuts both by 4x, with an unbiased but noisier estimate of the term. Masked
-            LMs already score only their masked tokens; a fraction a little above the masking rate (0.2 for 15%)
-            scores nearly all of them without the host sync that gathering them costs on a GPU. 1.0: every position
-            of a causal LM, every masked token of a masked LM. Classifiers (one label per example) ignore it.
+            Language models: score the distillation term at ceil(fraction x positions) positions of the batch, drawn
+            at random every step, labelled ones first (unlabelled ones among them do not count); the peers' output
+            head runs only there (with `codistill_shared_batch` the peers run whole and only the loss is sampled). A
+            count fixed by the batch's shape needs no host sync. Causal LMs label every position, so their term costs
+            a full-vocabulary softmax per token and the peer's head about a third of its forward (GPT-2); 0.25 cuts
+            both by 4x, with an unbiased but noisier estimate of the term. Masked LMs already score only their masked
+            tokens; a fraction a little above the masking rate (0.2 for 15%) scores nearly all of them without the
+            host sync that gathering them costs on a GPU. 1.0: every position of a causal LM, every masked token of a
+            masked LM. Classifiers (one label per example) ignore it.
     """
 
     codistill: bool = field(
@@ -178,7 +179,7 @@ class CodistillTrainingArguments(TrainingArguments):
     codistill_position_fraction: float = field(
         default=1.0,
         metadata={"help": "Language models: fraction of positions (drawn at random each step, labelled ones first) "
-                  "that the distillation term scores; launched groups run the peers' output head only there."},
+                  "that the distillation term scores; the peers' output head runs only there."},
     )
 
     def __post_init__(self):

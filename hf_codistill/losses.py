@@ -89,7 +89,8 @@ def _mean_distillation(student: torch.Tensor, peers: list, loss_type: str, tempe
         if student.shape[0] == 0:
             losses.append(student.sum() * 0.0)
             continue
-        difference = student.float() - peer.float()
+        dtype = torch.promote_types(student.dtype, torch.float32)  # fp32 at least, as the soft-target losses
+        difference = student.to(dtype) - peer.to(dtype)
         if position_mask is None:
             losses.append(difference.pow(2).mean())
             continue
@@ -275,6 +276,7 @@ def _score_block(student, blocks, first_row: int, temperature: float, with_entro
                 terms.masked_fill_(unscored, 0.0)
             total += terms.sum()
             mean_target = target if mean_target is None else mean_target.add_(target)
+            del peer_chunk, peer_log_probs, terms, target  # before the next peer's chunk is made
         if len(blocks) > 1:
             mean_target.div_(len(blocks))
         gradient = student_log_probs.exp_().sub_(mean_target)

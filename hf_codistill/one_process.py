@@ -53,7 +53,7 @@ from .checkpointing import (
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
 from .losses import distillation_to_peers, scored_sample, token_mask
-from .peer_forward import in_precision, is_causal_lm, logits_of
+from .peer_forward import in_precision, is_causal_lm, logits_of, peer_logits_for_term
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
 from .trainer import CodistillTrainer, _CodistillCallback, _reload_renamed_weights
@@ -590,25 +590,40 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def _distillation_to_peers(self, group: int, logits: torch.Tensor, peer_inputs: dict, labels) -> torch.Tensor:
         """mean over the other models j of D(f_group(x), f_j(x)) at the positions that carry a label."""
-        # Peers run whole here (one model's predictions may serve every other model): sampling positions saves the
-        # loss's work, not the peers' output head.
         positions = scored_sample(token_mask(logits, labels, self._causal_lm), self.args.codistill_position_fraction)
-        peers = (self._peer_logits(peer, peer_inputs) for peer in range(self.num_groups) if peer != group)
+        others = [peer for peer in range(self.num_groups) if peer != group]
+        if self.shared_batch:
+            # One batch for all models: each peer's whole predictions on it serve every other model.
+            peers = (self._shared_peer_logits_of(peer, peer_inputs) for peer in others)
+        else:
+            # Each model's own batch: as in the distributed mode, a peer computes only what this term scores.
+            if not self.peers.live:
+                peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
+            peers = (peer_logits_for_term(self.peers.model(peer, self.models), peer_inputs, logits, labels,
+                                          self._causal_lm, positions, self._peer_forward_context(peer))
+                     for peer in others)
         return distillation_to_peers(logits, peers, labels, self._causal_lm, self.args.codistill_loss,
                                      self.args.codistill_temperature, positions)
 
-    @torch.no_grad()
-    def _peer_logits(self, peer: int, peer_inputs: dict) -> torch.Tensor:
-        if self.shared_batch and peer in self._shared_peer_logits:
-            # One batch for all models: each peer's predictions on it serve every other model.
-            return self._shared_peer_logits[peer]
-        if not self.peers.live:
-            peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        with self.autocast_smart_context_manager(), _evaluating(self.peers.model(peer, self.models)) as model:
-            logits = logits_of(model(**peer_inputs), with_loss=False)
-        if self.shared_batch:
-            self._shared_peer_logits[peer] = logits
-        return logits
+    def _peer_forward_context(self, peer: int):
+        """A factory of the context of peer `peer`'s forward: no_grad, autocast, and eval mode (no dropout) for a live
+        model, then back to the mode it was in."""
+
+        @contextmanager
+        def context():
+            with torch.no_grad(), self.autocast_smart_context_manager(), _evaluating(self.peers.model(peer,
+                                                                                                      self.models)):
+                yield
+
+        return context
+
+    def _shared_peer_logits_of(self, peer: int, peer_inputs: dict) -> torch.Tensor:
+        if peer not in self._shared_peer_logits:
+            if not self.peers.live:
+                peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
+            with self._peer_forward_context(peer)():
+                self._shared_peer_logits[peer] = logits_of(self.peers.model(peer, self.models)(**peer_inputs))
+        return self._shared_peer_logits[peer]
 
     # ---- Logging --------------------------------------------------------------------------------------------
 

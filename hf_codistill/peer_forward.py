@@ -5,7 +5,7 @@ for causal LMs, every example for classification). For language models most of a
 the vocabulary projection, so the peer runs its output head (`get_output_embeddings()`) on the labelled positions
 only: with 15% masking, an MLM peer projects 15% of the tokens. (Causal LMs label nearly every position; for them
 `CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead, a slice of the
-batch at a time so that its whole logits never exist at once.) With `codistill_position_fraction` < 1, the head of
+batch at a time so that its whole logits never exist at once, the `mse` loss excepted.) With `codistill_position_fraction` < 1, the head of
 either kind of LM runs at a random sample of positions of a fixed count, which, unlike gathering the labelled
 positions, needs no host sync.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .losses import scored_positions, select_labelled_positions
+from .losses import scored_positions, select_labelled_positions, whole_sequence_mask
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -49,6 +49,21 @@ def logits_of(outputs, with_loss: bool = False) -> torch.Tensor:
     return outputs[1] if with_loss else outputs[0]
 
 
+def peer_logits_for_term(peer: nn.Module, inputs: dict, student_logits: torch.Tensor, labels: torch.Tensor | None,
+                         causal_lm: bool, positions: torch.Tensor | None,
+                         context: Callable[[], AbstractContextManager]):
+    """The peer's logits as `losses.distillation_to_peers` scores them against `student_logits`, computing only what
+    the term needs: at the sampled `positions` (`losses.scored_sample`) when given; for a causal LM scored whole, a
+    slice of the batch at a time as the loss asks for it; otherwise at the labelled positions. `context()` wraps the
+    peer's forward (no_grad, autocast, eval mode)."""
+    if positions is None and whole_sequence_mask(student_logits, labels, causal_lm) is not None:
+        return peer_logits_in_slices(peer, inputs, labels.shape, student_logits.shape[-1], context)
+    with context():
+        if positions is not None:
+            return peer_logits_at_positions(peer, inputs, positions, labels.shape)
+        return peer_logits_at_labels(peer, inputs, labels, shift_labels=causal_lm)
+
+
 # Peer logits made at once when a causal LM is scored whole, in elements (256 MB in bf16): GPT-2's 16 x 512 tokens
 # x 50,257 classes come in 4 slices of the batch, each a forward pass still large enough to keep a GPU busy.
 PEER_LOGITS_PER_SLICE = 1 << 27
@@ -58,15 +73,18 @@ def peer_logits_in_slices(peer: nn.Module, inputs: dict, batch_shape: tuple[int,
                           context: Callable[[], AbstractContextManager]) -> Iterator[torch.Tensor]:
     """The peer's whole logits as (slice rows x positions, classes) blocks, one slice of the batch at a time.
 
-    Run lazily, as the loss scores each block (`losses._SoftTargetLoss`), so that at most one slice's logits exist:
-    a GPT-2 batch of 16 x 512 tokens has 823 MB of them in bf16. Input tensors whose first dimension is the batch's
-    are sliced; others are passed whole. `context()` wraps each slice's forward (no_grad, autocast).
+    Run lazily, as the loss scores each block (`losses._SoftTargetLoss`), so that at most one slice's logits exist
+    per peer (the peers advance together; the `mse` loss joins the slices): a GPT-2 batch of 16 x 512 tokens has 823
+    MB of them in bf16. A slice holds at most `PEER_LOGITS_PER_SLICE` logits, but one sequence at least. Inputs
+    shaped (batch, positions, ...) are sliced; others are passed whole. `context()` wraps each slice's forward
+    (no_grad, autocast).
     """
     batch, positions = batch_shape
-    slices = max(1, math.ceil(batch * positions * num_classes / PEER_LOGITS_PER_SLICE))
-    rows = math.ceil(batch / slices)
+    most_rows = max(1, PEER_LOGITS_PER_SLICE // max(1, positions * num_classes))  # one sequence at least
+    # Slices as even as the limit allows: 16 sequences of GPT-2 go 4 x 4, not 5 + 5 + 5 + 1.
+    rows = math.ceil(batch / math.ceil(batch / most_rows)) if batch else 1
     for start in range(0, batch, rows):
-        part = {key: value[start:start + rows] if _has_batch_dim(value, batch) else value
+        part = {key: value[start:start + rows] if _is_per_token(value, batch_shape) else value
                 for key, value in inputs.items()}
         # Yielded straight from the call: no local of this frame keeps a slice alive while the next one is made.
         yield _flat_logits(peer, part, context)
@@ -78,8 +96,9 @@ def _flat_logits(peer: nn.Module, inputs: dict, context) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _has_batch_dim(value, batch: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+def _is_per_token(value, batch_shape: tuple[int, int]) -> bool:
+    """(batch, positions, ...) inputs: ids, masks, embeddings; not a 1-D `position_ids` that happens to be as long."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == tuple(batch_shape)
 
 
 def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | None,

@@ -30,16 +30,14 @@ from .checkpointing import (
 from .compat import disable_unsupported_loss_kwargs
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
-from .losses import distillation_to_peers, scored_sample, token_mask, whole_sequence_mask
+from .losses import distillation_to_peers, scored_sample, token_mask
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
 from .peer_forward import (
     in_precision,
     is_causal_lm,
     logits_of,
-    peer_logits_at_labels,
-    peer_logits_at_positions,
-    peer_logits_in_slices,
+    peer_logits_for_term,
 )
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
@@ -321,22 +319,10 @@ class CodistillTrainer(Trainer):
         student_logits = logits_of(outputs, with_loss=True)
         causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-        # Language models may be scored at sampled positions (`codistill_position_fraction`); otherwise causal LMs are
-        # scored whole (the peer runs a slice of the batch at a time, as the loss scores it), and the peer's head runs
-        # at the labelled positions of others.
         positions = scored_sample(token_mask(student_logits, labels, causal_lm), self.args.codistill_position_fraction)
-        whole_mask = whole_sequence_mask(student_logits, labels, causal_lm)
-
-        def peer_logits(peer):
-            if whole_mask is not None and positions is None:
-                return peer_logits_in_slices(peer, peer_inputs, labels.shape, student_logits.shape[-1],
-                                             self._peer_forward_context)
-            with self._peer_forward_context():
-                if positions is not None:
-                    return peer_logits_at_positions(peer, peer_inputs, positions, labels.shape)
-                return peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=causal_lm)
-
-        peers = (peer_logits(peer) for peer in self.peer_copies.models())
+        peers = (peer_logits_for_term(peer, peer_inputs, student_logits, labels, causal_lm, positions,
+                                      self._peer_forward_context)
+                 for peer in self.peer_copies.models())
         return distillation_to_peers(student_logits, peers, labels, causal_lm, self.args.codistill_loss,
                                      self.args.codistill_temperature, positions)
 

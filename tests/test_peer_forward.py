@@ -150,9 +150,10 @@ def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path
     assert student.transformer.wte.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("build,fraction", [(_gpt2, 0.5), (_bert, 0.2)])
-def test_one_process_scores_language_models_at_sampled_positions(build, fraction, tmp_path):
-    """The list-of-models trainer samples the same way (its peers run whole, the loss takes the sampled rows)."""
+@pytest.mark.parametrize("build,fraction", [(_gpt2, 0.5), (_bert, 0.2), (_gpt2, 1.0), (_bert, 1.0)])
+def test_one_process_peers_compute_only_what_the_term_scores(build, fraction, tmp_path):
+    """The list-of-models trainer scores like the distributed one, and its peers' heads run only where it scores:
+    at the sampled positions, at a masked LM's masked tokens, at every position of a causal LM."""
     torch.manual_seed(0)
     student, causal = build()
     peer, _ = build()
@@ -163,14 +164,41 @@ def test_one_process_scores_language_models_at_sampled_positions(build, fraction
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
     logits = student(input_ids=ids).logits
+    projected = []
+    handle = peer.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
     torch.manual_seed(7)
     term = trainer._distillation_to_peers(0, logits, {"input_ids": ids}, labels)
+    handle.remove()
+    assert peer.training  # the live peer ran in eval mode and was put back
     torch.manual_seed(7)
     mask = token_mask(logits, labels, causal)
-    positions = sample_positions(mask, fraction)
+    peer.eval()
     with torch.no_grad():
-        peer.eval()
-        expected = distillation_loss(logits.reshape(-1, 100)[positions],
-                                     peer(input_ids=ids).logits.reshape(-1, 100)[positions],
+        peer_logits = peer(input_ids=ids).logits
+    if fraction < 1:
+        positions = sample_positions(mask, fraction)
+        expected = distillation_loss(logits.reshape(-1, 100)[positions], peer_logits.reshape(-1, 100)[positions],
                                      position_mask=mask[positions])
+        assert projected == [(positions.numel(), 100)]
+    else:
+        expected = distillation_loss(select_labelled_positions(logits, labels, causal),
+                                     select_labelled_positions(peer_logits, labels, causal))
+        assert projected == [(3, 12, 100)] if causal else [(int(mask.sum()), 100)]
     torch.testing.assert_close(term, expected)
+
+
+def test_slices_cut_only_per_token_inputs(monkeypatch):
+    """A 1-D `position_ids` as long as the batch is passed whole to every slice; the slices join into the whole
+    logits; an empty batch has no slices."""
+    monkeypatch.setattr(peer_forward, "PEER_LOGITS_PER_SLICE", 2 * 8 * 100)
+    torch.manual_seed(0)
+    model, _ = _gpt2()
+    model.eval()
+    inputs = {"input_ids": torch.randint(0, 100, (8, 8)), "attention_mask": torch.ones(8, 8, dtype=torch.long),
+              "position_ids": torch.arange(8), "use_cache": False}
+    with torch.no_grad():
+        blocks = list(peer_forward.peer_logits_in_slices(model, inputs, (8, 8), 100, torch.no_grad))
+        whole = model(**inputs).logits
+    assert [block.shape[0] for block in blocks] == [16] * 4
+    torch.testing.assert_close(torch.cat(blocks), whole.reshape(-1, 100))
+    assert list(peer_forward.peer_logits_in_slices(model, inputs, (0, 8), 100, torch.no_grad)) == []
