@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from transformers import HfArgumentParser, TrainerCallback, Trainer, ViTConfig, ViTForImageClassification, set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
 
 
@@ -126,6 +127,9 @@ def main():
     }
     with open(os.path.join(options["results"], f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    if trainer_cls is Trainer and torch.distributed.is_initialized():
+        # The plain DDP reference aborted once at exit on gloo, as the benchmarks' plain workers did.
+        exit_plain_worker()
 
 
 if __name__ == "__main__":
