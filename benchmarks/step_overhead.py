@@ -126,7 +126,6 @@ class _PhasePeaks:
             self._record(phase, self._rss())  # at least one sample, however short the phase
 
     def _record(self, phase, value):
-        # `phase` is read before the memory is: a sample never lands in the phase that follows it.
         if phase is not None:
             with self._lock:
                 self.peaks[phase] = max(self.peaks[phase], value)
@@ -145,7 +144,9 @@ class _PhasePeaks:
         def run():
             while self._sampling:
                 phase = self.phase
-                self._record(phase, self._rss())
+                rss = self._rss()
+                if self.phase is phase:  # a sample taken across a phase change belongs to neither phase for sure
+                    self._record(phase, rss)
                 time.sleep(0.0005)
 
         self._sampling = True

@@ -101,7 +101,8 @@ class CodistillTrainingArguments(TrainingArguments):
             both by 4x, with an unbiased but noisier estimate of the term. Masked LMs already score only their masked
             tokens; a fraction a little above the masking rate (0.2 for 15%) scores nearly all of them without the
             host sync that gathering them costs on a GPU. 1.0: every position of a causal LM, every masked token of a
-            masked LM. Classifiers (one label per example) ignore it.
+            masked LM. Any model with a label per token (token classification too) is sampled; classifiers with one
+            label per example ignore it.
     """
 
     codistill: bool = field(

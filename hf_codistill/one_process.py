@@ -119,24 +119,38 @@ class PerModelOrderSampler(torch.utils.data.Sampler[int]):
 
 
 def split_per_model(batch: dict, num_models: int) -> list[dict]:
-    """Cut a collated batch of G equal sub-batches (along the first dimension) into one batch per model.
+    """Cut a collated batch of G sub-batches (along the first dimension) into one batch per model.
 
-    A stream's last batch may hold fewer examples than there are models: each model then gets all of them, rather
-    than some models an empty batch that their forward cannot take.
+    Tensors and lists as long as the batch are cut at the same boundaries, into G equal parts or as near as a stream's
+    last batch allows; other values go to every model. A last batch with fewer examples than there are models goes
+    whole to every model, rather than leaving some models an empty batch that their forward cannot take.
     """
-    sizes = [len(value) for value in batch.values() if isinstance(value, (torch.Tensor, list, tuple))]
-    if sizes and sizes[0] < num_models:
+    size = _num_examples(batch)
+    if size is None or size < num_models:
         return [dict(batch) for _ in range(num_models)]
-    parts = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            parts[key] = list(value.tensor_split(num_models))
-        elif isinstance(value, (list, tuple)):
-            size = len(value) // num_models
-            parts[key] = [value[g * size : (g + 1) * size] for g in range(num_models)]
-        else:
-            parts[key] = [value] * num_models
-    return [{key: values[g] for key, values in parts.items()} for g in range(num_models)]
+    sizes = [len(part) for part in torch.arange(size).tensor_split(num_models)]
+    starts = [sum(sizes[:group]) for group in range(num_models)]
+
+    def cut(value):
+        per_example = (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size) or (
+            isinstance(value, (list, tuple)) and len(value) == size)
+        if not per_example:
+            return [value] * num_models
+        return [value[start:start + length] for start, length in zip(starts, sizes)]
+
+    parts = {key: cut(value) for key, value in batch.items()}
+    return [{key: values[group] for key, values in parts.items()} for group in range(num_models)]
+
+
+def _num_examples(batch: dict) -> int | None:
+    """The batch's number of examples: the first dimension of its labels, else of its first tensor, else the length
+    of its first list."""
+    candidates = [batch["labels"]] if "labels" in batch else []
+    candidates += list(batch.values())
+    for value in candidates:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return next((len(value) for value in batch.values() if isinstance(value, (list, tuple))), None)
 
 
 class PerModelOptimizers(torch.optim.Optimizer):

@@ -76,7 +76,7 @@ def peer_logits_in_slices(peer: nn.Module, inputs: dict, batch_shape: tuple[int,
     Run lazily, as the loss scores each block (`losses._SoftTargetLoss`), so that at most one slice's logits exist
     per peer (the peers advance together; the `mse` loss joins the slices): a GPT-2 batch of 16 x 512 tokens has 823
     MB of them in bf16. A slice holds at most `PEER_LOGITS_PER_SLICE` logits, but one sequence at least. Inputs
-    shaped (batch, positions, ...) are sliced; others are passed whole. `context()` wraps each slice's forward
+    of two dimensions or more whose first is the batch are sliced; others are passed whole. `context()` wraps each slice's forward
     (no_grad, autocast).
     """
     batch, positions = batch_shape
@@ -84,7 +84,7 @@ def peer_logits_in_slices(peer: nn.Module, inputs: dict, batch_shape: tuple[int,
     # Slices as even as the limit allows: 16 sequences of GPT-2 go 4 x 4, not 5 + 5 + 5 + 1.
     rows = math.ceil(batch / math.ceil(batch / most_rows)) if batch else 1
     for start in range(0, batch, rows):
-        part = {key: value[start:start + rows] if _is_per_token(value, batch_shape) else value
+        part = {key: value[start:start + rows] if _is_per_example(value, batch) else value
                 for key, value in inputs.items()}
         # Yielded straight from the call: no local of this frame keeps a slice alive while the next one is made.
         yield _flat_logits(peer, part, context)
@@ -96,9 +96,10 @@ def _flat_logits(peer: nn.Module, inputs: dict, context) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _is_per_token(value, batch_shape: tuple[int, int]) -> bool:
-    """(batch, positions, ...) inputs: ids, masks, embeddings; not a 1-D `position_ids` that happens to be as long."""
-    return isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == tuple(batch_shape)
+def _is_per_example(value, batch: int) -> bool:
+    """(batch, ...) inputs of two dimensions or more: ids, masks (4-D ones too), embeddings; not a 1-D
+    `position_ids` that happens to be as long as the batch."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch
 
 
 def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | None,

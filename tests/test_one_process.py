@@ -193,6 +193,20 @@ def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_split_per_model_cuts_per_example_values_at_the_same_boundaries():
+    """5 examples for 2 models (a stream's uneven last batch): rows 0-2 and 3-4, in tensors and lists alike; values
+    that are not per example go to both models."""
+    batch = {"pixel_values": torch.arange(10).reshape(5, 2), "labels": torch.arange(5), "ids": list("abcde"),
+             "meta": ["m"], "mode": "train", "scale": torch.tensor(2.0)}
+    first, second = one_process.split_per_model(batch, 2)
+    assert first["labels"].tolist() == [0, 1, 2] and second["labels"].tolist() == [3, 4]
+    assert first["pixel_values"].tolist() == [[0, 1], [2, 3], [4, 5]] and first["ids"] == list("abc")
+    assert second["ids"] == list("de")
+    assert all(part["meta"] == ["m"] and part["mode"] == "train" and part["scale"] == 2.0 for part in (first, second))
+    # Fewer examples than models: every model gets the whole batch.
+    assert all(part["labels"].tolist() == [0] for part in one_process.split_per_model({"labels": torch.tensor([0])}, 3))
+
+
 def test_a_model_card_without_training_has_a_folder_per_model(tmp_path):
     """`--do_eval` without `--do_train`: nothing is saved, yet each model's card has its group folder to go to."""
     trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "out"))

@@ -188,13 +188,13 @@ def test_one_process_peers_compute_only_what_the_term_scores(build, fraction, tm
 
 
 def test_slices_cut_only_per_token_inputs(monkeypatch):
-    """A 1-D `position_ids` as long as the batch is passed whole to every slice; the slices join into the whole
-    logits; an empty batch has no slices."""
+    """A 1-D `position_ids` as long as the batch is passed whole to every slice, a 4-D attention mask is sliced; the
+    slices join into the whole logits; an empty batch has no slices."""
     monkeypatch.setattr(peer_forward, "PEER_LOGITS_PER_SLICE", 2 * 8 * 100)
     torch.manual_seed(0)
     model, _ = _gpt2()
     model.eval()
-    inputs = {"input_ids": torch.randint(0, 100, (8, 8)), "attention_mask": torch.ones(8, 8, dtype=torch.long),
+    inputs = {"input_ids": torch.randint(0, 100, (8, 8)), "attention_mask": torch.ones(8, 1, 8, 8).tril().bool(),
               "position_ids": torch.arange(8), "use_cache": False}
     with torch.no_grad():
         blocks = list(peer_forward.peer_logits_in_slices(model, inputs, (8, 8), 100, torch.no_grad))
