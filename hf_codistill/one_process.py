@@ -625,8 +625,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
         @contextmanager
         def context():
-            with torch.no_grad(), self.autocast_smart_context_manager(), _evaluating(self.peers.model(peer,
-                                                                                                      self.models)):
+            model = self.peers.model(peer, self.models)
+            with torch.no_grad(), self.autocast_smart_context_manager(), _evaluating(model):
                 yield
 
         return context

@@ -75,9 +75,9 @@ def peer_logits_in_slices(peer: nn.Module, inputs: dict, batch_shape: tuple[int,
 
     Run lazily, as the loss scores each block (`losses._SoftTargetLoss`), so that at most one slice's logits exist
     per peer (the peers advance together; the `mse` loss joins the slices): a GPT-2 batch of 16 x 512 tokens has 823
-    MB of them in bf16. A slice holds at most `PEER_LOGITS_PER_SLICE` logits, but one sequence at least. Inputs
-    of two dimensions or more whose first is the batch are sliced; others are passed whole. `context()` wraps each slice's forward
-    (no_grad, autocast).
+    MB of them in bf16. A slice holds at most `PEER_LOGITS_PER_SLICE` logits, but one sequence at least. Inputs of
+    two dimensions or more whose first is the batch are sliced; others are passed whole. `context()` wraps each
+    slice's forward (no_grad, autocast).
     """
     batch, positions = batch_shape
     most_rows = max(1, PEER_LOGITS_PER_SLICE // max(1, positions * num_classes))  # one sequence at least
