@@ -148,15 +148,17 @@ def test_shared_batch_keeps_identical_models_identical(tmp_path):
     assert by_step(trainer.state.log_history, "group_1/task_loss") == by_step(trainer.state.log_history, "task_loss")
 
 
-def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
-    """An iterable dataset has no per-model order: every model still gets b examples per step, not b / G."""
-    train, _ = digits_dataset(128)
+def train_on_stream(out, num_examples, max_steps):
+    """Two models trained in one process on the first `num_examples` digits as a stream; returns the trainer and,
+    per model forward, (model, batch size, sum of the pixels)."""
+    train, _ = digits_dataset(num_examples)
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return (train[index] for index in range(len(train)))
 
-    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=3), train_dataset=Stream())
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(out, max_steps=max_steps),
+                               train_dataset=Stream())
     seen = []
     compute_loss = trainer.compute_loss
 
@@ -166,28 +168,19 @@ def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
 
     trainer.compute_loss = recording_compute_loss
     trainer.train()
+    return trainer, seen, train
+
+
+def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
+    """An iterable dataset has no per-model order: every model still gets b examples per step, not b / G."""
+    _, seen, _ = train_on_stream(tmp_path, 128, max_steps=3)
     assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16)] * 3
     assert all(seen[2 * step][2] != seen[2 * step + 1][2] for step in range(3))
 
 
 def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp_path):
     """33 examples, b = 16, G = 2: the stream's last batch holds 1 example; both models train on it (no empty batch)."""
-    train, _ = digits_dataset(33)
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return (train[index] for index in range(len(train)))
-
-    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=4), train_dataset=Stream())
-    seen = []
-    compute_loss = trainer.compute_loss
-
-    def recording_compute_loss(model, inputs, *args, **kwargs):
-        seen.append((trainer.models.index(model), inputs["pixel_values"].shape[0], float(inputs["pixel_values"].sum())))
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording_compute_loss
-    trainer.train()
+    trainer, seen, train = train_on_stream(tmp_path, 33, max_steps=4)
     assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16), (0, 1), (1, 1)] * 2
     assert seen[2][2] == seen[3][2] == float(train[32]["pixel_values"].sum())
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)

@@ -22,6 +22,18 @@ def _gpt2():
                                       eos_token_id=0)), True
 
 
+def _trainer_with_a_peer(build, tmp_path, **args):
+    """A `CodistillTrainer` for a new `build()` model with one frozen peer of the same kind, as one group sees it."""
+    torch.manual_seed(0)
+    student, causal = build()
+    peer, _ = build()
+    peer.eval()
+    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
+                                                                             report_to="none", **args))
+    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    return student, peer, causal, trainer
+
+
 @pytest.mark.parametrize("build", [_bert, _gpt2])
 def test_head_at_labelled_positions_matches_full_forward(build):
     torch.manual_seed(0)
@@ -54,13 +66,7 @@ def test_classifiers_run_whole():
 def test_trainer_distillation_term_scores_the_labelled_positions(build, tmp_path):
     """The trainer's term (MLM: gathered positions; causal LM: all positions, unlabelled ones masked) equals the
     distillation loss between the full forwards at the labelled positions."""
-    torch.manual_seed(0)
-    student, causal = build()
-    peer, _ = build()
-    peer.eval()
-    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
-                                                                             report_to="none"))
-    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    student, peer, causal, trainer = _trainer_with_a_peer(build, tmp_path)
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < 0.5, ids, torch.full_like(ids, -100))
     outputs = student(input_ids=ids)
@@ -91,14 +97,7 @@ def test_head_at_sampled_positions_matches_full_forward():
 def test_trainer_scores_a_language_model_at_sampled_positions(build, fraction, labelled, tmp_path):
     """`codistill_position_fraction`: the term over the positions `sample_positions` draws (unlabelled ones masked),
     with the peer's head on those only; for MLM a fixed count above the masking rate instead of a gather."""
-    torch.manual_seed(0)
-    student, causal = build()
-    peer, _ = build()
-    peer.eval()
-    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none",
-                                      codistill_position_fraction=fraction)
-    trainer = CodistillTrainer(model=student, args=args)
-    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    student, peer, causal, trainer = _trainer_with_a_peer(build, tmp_path, codistill_position_fraction=fraction)
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < labelled, ids, torch.full_like(ids, -100))
     outputs = student(input_ids=ids)
@@ -122,13 +121,7 @@ def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path
     """With room for 2 sequences' logits, a batch of 5 runs the peer on 2 + 2 + 1 sequences (with their attention
     masks), each slice as the loss scores it; the term equals the one between the whole forwards."""
     monkeypatch.setattr(peer_forward, "PEER_LOGITS_PER_SLICE", 2 * 12 * 100)
-    torch.manual_seed(0)
-    student, _ = _gpt2()
-    peer, _ = _gpt2()
-    peer.eval()
-    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
-                                                                             report_to="none"))
-    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
+    student, peer, _, trainer = _trainer_with_a_peer(_gpt2, tmp_path)
     ids = torch.randint(0, 100, (5, 12))
     attention_mask = torch.ones_like(ids)
     attention_mask[3, 9:] = 0
