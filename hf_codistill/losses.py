@@ -222,7 +222,7 @@ class _SoftTargetLoss(torch.autograd.Function):
         rows_done = 0
         while True:
             # One block of each peer at a time, the last ones dropped before the next are made.
-            blocks = [next(blocks, None) for blocks in iterators]
+            blocks = [next(iterator, None) for iterator in iterators]
             if all(block is None for block in blocks):
                 break
             if any(block is None or block.shape[0] != blocks[0].shape[0] for block in blocks):
