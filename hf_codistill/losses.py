@@ -115,10 +115,15 @@ def _check_positions(student: torch.Tensor, peer_positions: int) -> None:
                          "both must be taken at the same positions.")
 
 
+def labels_per_token(student_logits: torch.Tensor, labels: torch.Tensor | None) -> bool:
+    """Whether `labels` label every position of `student_logits` (language models), not one example each."""
+    return labels is not None and labels.dim() == 2 and labels.shape == student_logits.shape[:-1]
+
+
 def token_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool) -> torch.Tensor | None:
     """The (batch x positions,) mask of a language model's scored positions, flattened; None for one label per
     example (classifiers) or no labels."""
-    if labels is None or labels.dim() != 2 or labels.shape != student_logits.shape[:-1]:
+    if not labels_per_token(student_logits, labels):
         return None
     return scored_positions(labels, shift_labels=causal_lm).reshape(-1)
 

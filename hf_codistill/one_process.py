@@ -606,20 +606,20 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         """mean over the other models j of D(f_group(x), f_j(x)) at the positions that carry a label."""
         positions = scored_sample(token_mask(logits, labels, self._causal_lm), self.args.codistill_position_fraction)
         others = [peer for peer in range(self.num_groups) if peer != group]
+        if not self.peers.live:
+            peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
         if self.shared_batch:
             # One batch for all models: each peer's whole predictions on it serve every other model.
             peers = (self._shared_peer_logits_of(peer, peer_inputs) for peer in others)
         else:
             # Each model's own batch: as in the distributed mode, a peer computes only what this term scores.
-            if not self.peers.live:
-                peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
             peers = (peer_logits_for_term(self.peers.model(peer, self.models), peer_inputs, logits, labels,
-                                          self._causal_lm, positions, self._peer_forward_context(peer))
+                                          self._causal_lm, positions, self._peer_forward_context_of(peer))
                      for peer in others)
         return distillation_to_peers(logits, peers, labels, self._causal_lm, self.args.codistill_loss,
                                      self.args.codistill_temperature, positions)
 
-    def _peer_forward_context(self, peer: int):
+    def _peer_forward_context_of(self, peer: int):
         """A factory of the context of peer `peer`'s forward: no_grad, autocast, and eval mode (no dropout) for a live
         model, then back to the mode it was in."""
 
@@ -633,9 +633,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def _shared_peer_logits_of(self, peer: int, peer_inputs: dict) -> torch.Tensor:
         if peer not in self._shared_peer_logits:
-            if not self.peers.live:
-                peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
-            with self._peer_forward_context(peer)():
+            with self._peer_forward_context_of(peer)():
                 self._shared_peer_logits[peer] = logits_of(self.peers.model(peer, self.models)(**peer_inputs))
         return self._shared_peer_logits[peer]
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .losses import scored_positions, select_labelled_positions, whole_sequence_mask
+from .losses import labels_per_token, scored_positions, select_labelled_positions
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -56,7 +56,7 @@ def peer_logits_for_term(peer: nn.Module, inputs: dict, student_logits: torch.Te
     the term needs: at the sampled `positions` (`losses.scored_sample`) when given; for a causal LM scored whole, a
     slice of the batch at a time as the loss asks for it; otherwise at the labelled positions. `context()` wraps the
     peer's forward (no_grad, autocast, eval mode)."""
-    if positions is None and whole_sequence_mask(student_logits, labels, causal_lm) is not None:
+    if positions is None and causal_lm and labels_per_token(student_logits, labels):  # scored whole
         return peer_logits_in_slices(peer, inputs, labels.shape, student_logits.shape[-1], context)
     with context():
         if positions is not None:
