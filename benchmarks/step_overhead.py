@@ -39,8 +39,14 @@ def build_case(case: str, size: str, device, batch_size: int | None = None):
     """
     tiny, cpu = size == "tiny", size == "cpu"
     import torch
-    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     if case == "bert-mlm":
         config = (BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

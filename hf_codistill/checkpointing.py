@@ -78,7 +78,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, root: str, gro
         match = _CHECKPOINT_RE.match(os.path.basename(path))
         if match is None:
             raise ValueError(
-                f"`resume_from_checkpoint` must be True or a path like {group_dir(root, 0)}/checkpoint-500, got {path}."
+                f"`resume_from_checkpoint` must be True or a path like {group_dir(root, 0)}/checkpoint-500, "
+                f"got {path}."
             )
         step = int(match.group(1))
         root = os.path.dirname(os.path.dirname(path))

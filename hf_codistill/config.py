@@ -201,7 +201,9 @@ class CodistillTrainingArguments(TrainingArguments):
                 f"`codistill_loss` must be one of {', '.join(DISTILLATION_LOSSES)}, got {self.codistill_loss!r}."
             )
         if self.codistill_alpha < 0:
-            raise ValueError(f"`codistill_alpha` must be >= 0 (0 trains independent models), got {self.codistill_alpha}.")
+            raise ValueError(
+                f"`codistill_alpha` must be >= 0 (0 trains independent models), got {self.codistill_alpha}."
+            )
         if self.codistill_temperature <= 0:
             raise ValueError(f"`codistill_temperature` must be > 0, got {self.codistill_temperature}.")
         if self.codistill_sync_every < 1:

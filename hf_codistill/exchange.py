@@ -126,7 +126,7 @@ class PeerCopies:
         wire = exchanged_tensors(next(iter(self.peers.values())))
         own = {name: tensor.detach().to(wire[name].dtype) for name, tensor in exchanged_tensors(model).items()}
         buckets = []
-        for (dtype, device), names in _buckets(own).items():
+        for names in _buckets(own).values():
             flat = torch.cat([own[name].reshape(-1) for name in names])
             numel = flat.numel()
             if self.sharded:

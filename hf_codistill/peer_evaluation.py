@@ -55,9 +55,10 @@ class PeerEvaluation:
             return  # regression or multi-label heads: no class probabilities to ensemble or top-1 to compare
         ensemble = ensemble_logits(logits)
         predictions = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
-        aligned = [(l[:, :-1] if self.causal else l) for l in logits]
+        aligned = [(model_logits[:, :-1] if self.causal else model_logits) for model_logits in logits]
         # Models last, so that the position dimension (1) is padded like every other tensor's.
-        top1 = torch.stack([l.argmax(dim=-1) for l in aligned], dim=-1)  # (batch[, positions], G)
+        # (batch[, positions], G)
+        top1 = torch.stack([model_logits.argmax(dim=-1) for model_logits in aligned], dim=-1)
         batch = {"ensemble_predictions": predictions, "top1": top1}
         if labels is not None:
             token_loss, valid = labelled_nll(ensemble, labels, self.causal)
@@ -75,7 +76,8 @@ class PeerEvaluation:
                                                                                 padding_index=IGNORE_INDEX))
 
     def metrics(self, compute_metrics, prefix: str) -> dict[str, float]:
-        """`<prefix>_ensemble_<metric>` from `compute_metrics` on the ensemble, its loss, and the pairwise agreement."""
+        """`<prefix>_ensemble_<metric>` from `compute_metrics` on the ensemble, its loss, and the pairwise
+        agreement."""
         if self.top1 is None:
             return {}
         metrics = {}

@@ -5,9 +5,9 @@ for causal LMs, every example for classification). For language models most of a
 the vocabulary projection, so the peer runs its output head (`get_output_embeddings()`) on the labelled positions
 only: with 15% masking, an MLM peer projects 15% of the tokens. (Causal LMs label nearly every position; for them
 `CodistillTrainer` runs the peer whole and masks the few unlabelled positions in the loss instead, a slice of the
-batch at a time so that its whole logits never exist at once, the `mse` loss excepted.) With `codistill_position_fraction` < 1, the head of
-either kind of LM runs at a random sample of positions of a fixed count, which, unlike gathering the labelled
-positions, needs no host sync.
+batch at a time so that its whole logits never exist at once, the `mse` loss excepted.) With
+`codistill_position_fraction` < 1, the head of either kind of LM runs at a random sample of positions of a fixed
+count, which, unlike gathering the labelled positions, needs no host sync.
 """
 
 from __future__ import annotations

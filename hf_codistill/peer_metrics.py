@@ -117,15 +117,15 @@ def peer_compute_metrics(
         if not with_peer_metrics or (labels is not None and np.issubdtype(np.asarray(labels).dtype, np.floating)):
             return metrics  # regression or multi-label heads: no class probabilities to ensemble or compare
         logits = [_first_output(p) for p in per_model]
-        are_logits = labels is None or all(np.ndim(l) == np.ndim(labels) + 1 for l in logits)
+        are_logits = labels is None or all(np.ndim(output) == np.ndim(labels) + 1 for output in logits)
         if are_logits and (compute_metrics is not None or labels is not None):
-            ensemble = ensemble_logits([torch.as_tensor(l) for l in logits])
+            ensemble = ensemble_logits([torch.as_tensor(output) for output in logits])
             if labels is not None:
                 metrics["ensemble_loss"] = ensemble_loss(ensemble, torch.as_tensor(labels), shift_labels)
             if compute_metrics is not None:
                 own = compute_metrics(EvalPrediction(predictions=ensemble.numpy(), label_ids=labels))
                 metrics.update({f"ensemble_{key}": value for key, value in own.items()})
-        top1 = [np.argmax(l, axis=-1) if are_logits else np.asarray(l) for l in logits]
+        top1 = [np.argmax(output, axis=-1) if are_logits else np.asarray(output) for output in logits]
         mask = None
         if labels is not None:
             if shift_labels:

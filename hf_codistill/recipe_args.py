@@ -87,7 +87,7 @@ class TextDataArguments:
             raise ValueError(f"`--mlm_probability` is {self.mlm_probability}; give a fraction in (0, 1).")
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
-            if path is not None and not path.rsplit(".", 1)[-1] in ("txt", "csv", "json", "jsonl"):
+            if path is not None and path.rsplit(".", 1)[-1] not in ("txt", "csv", "json", "jsonl"):
                 raise ValueError(f"`--{name}` {path!r} must be a .txt, .csv, .json or .jsonl file.")
 
 

@@ -85,7 +85,8 @@ def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | N
     else:
         checkpoint = get_last_trainer_checkpoint(root)
     if checkpoint is not None:
-        logger.info(f"Checkpoint detected, resuming training at {checkpoint}. Use a new `--output_dir` to start afresh.")
+        logger.info(f"Checkpoint detected, resuming training at {checkpoint}. "
+                    "Use a new `--output_dir` to start afresh.")
     return checkpoint
 
 

@@ -33,7 +33,8 @@ def load_text_data(data_args: TextDataArguments, model_args: ModelArguments, see
         else:
             raw = load_dataset(name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
                                token=model_args.token)
-            description = name if data_args.dataset_config_name is None else f"{name} ({data_args.dataset_config_name})"
+            config_name = data_args.dataset_config_name
+            description = name if config_name is None else f"{name} ({config_name})"
     if "train" not in raw:
         raise ValueError(f"The data has no `train` split (splits: {', '.join(raw)}); give `--train_file`.")
     if "validation" not in raw:

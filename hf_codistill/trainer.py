@@ -81,7 +81,8 @@ class _CodistillCallback(TrainerCallback):
 
 
 class _ParameterDistanceCallback(TrainerCallback):
-    """Without codistillation: keeps the initial parameters (in every checkpoint too) for `param_distance_from_init`."""
+    """Without codistillation: keeps the initial parameters (in every checkpoint too) for
+    `param_distance_from_init`."""
 
     def __init__(self, trainer: CodistillTrainer):
         self.trainer = trainer
@@ -161,9 +162,8 @@ class CodistillTrainer(Trainer):
     def _add_weight_decay_schedule(self) -> None:
         self.weight_decay_schedule: WeightDecaySchedule | None = None
         if getattr(self.args, "codistill_weight_decay_schedule", "constant") != "constant":
-            self.weight_decay_schedule = WeightDecaySchedule(
-                self.args.codistill_weight_decay_schedule, parse_milestones(self.args.codistill_weight_decay_milestones)
-            )
+            milestones = parse_milestones(self.args.codistill_weight_decay_milestones)
+            self.weight_decay_schedule = WeightDecaySchedule(self.args.codistill_weight_decay_schedule, milestones)
             self.add_callback(self.weight_decay_schedule)
 
     def _with_weight_decay(self, logs: dict[str, float]) -> dict[str, float]:
@@ -312,7 +312,9 @@ class CodistillTrainer(Trainer):
         declared = getattr(self, "loss_is_scaled_for_ga", None)
         if declared is not None:
             return declared
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if self.compute_loss_func is not None:
+            return True
+        return self.model_accepts_loss_kwargs and num_items_in_batch is not None
 
     def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:
         """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
@@ -470,7 +472,8 @@ class CodistillTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
-        own_name = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(self.args.output_dir)
+        own_name = (getattr(self, "hub_model_id", None) or self.args.hub_model_id
+                    or os.path.basename(self.args.output_dir))
         section = codistillation_section(
             self.args, self.group_index, self.num_groups, self.group_size,
             peers=peer_names(own_name, self.group_index, self.num_groups),
@@ -514,4 +517,5 @@ class CodistillTrainer(Trainer):
             os.replace(tmp, os.path.join(checkpoint, STATE_NAME))
         self.topology.barrier("checkpoint-complete")
         if writer:
-            rotate_group_checkpoints(self.args.output_dir, self._save_total_limit, keep=self.state.best_model_checkpoint)
+            rotate_group_checkpoints(self.args.output_dir, self._save_total_limit,
+                                     keep=self.state.best_model_checkpoint)

@@ -48,7 +48,8 @@ def main():
 
     if model_args.model_name_or_path is None and model_args.config_name is None:
         model_args.model_name_or_path = str(minilm_path())
-        logger.info(f"No model given: continuing the pre-training of all-MiniLM-L6-v2 ({model_args.model_name_or_path})")
+        logger.info("No model given: continuing the pre-training of all-MiniLM-L6-v2 "
+                    f"({model_args.model_name_or_path})")
     raw, data_description = load_text_data(data_args, model_args, training_args.seed)
     logger.info(f"Training data: {data_description}")
     if training_args.do_eval and "validation" not in raw:
@@ -58,8 +59,8 @@ def main():
 
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
-        raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token, which masked-LM training needs; "
-                         "use run_clm.py for causal LMs or a tokenizer with a [MASK] token.")
+        raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token, which masked-LM training "
+                         "needs; use run_clm.py for causal LMs or a tokenizer with a [MASK] token.")
     model = build_models(training_args, lambda: build_language_model(model_args, AutoModelForMaskedLM, tokenizer))
 
     lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)

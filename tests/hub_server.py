@@ -80,7 +80,7 @@ class RecordingHub:
                 if len(parts) >= 6 and parts[0] == "api" and parts[1] == "models" and parts[4] == "commit":
                     repo_id = f"{parts[2]}/{parts[3]}"
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-                    header = next((l["value"] for l in lines if l["key"] == "header"), {})
+                    header = next((line["value"] for line in lines if line["key"] == "header"), {})
                     paths = []
                     with hub._lock:
                         files = hub.repos.setdefault(repo_id, {})

@@ -63,7 +63,8 @@ def test_models_without_logits_are_named():
     from hf_codistill.peer_forward import logits_of
 
     outputs = QuestionAnsweringModelOutput(start_logits=torch.zeros(1, 3), end_logits=torch.zeros(1, 3))
-    with pytest.raises(ValueError, match=r"only \['end_logits', 'start_logits'\].*classification or language-model head"):
+    expected = r"only \['end_logits', 'start_logits'\].*classification or language-model head"
+    with pytest.raises(ValueError, match=expected):
         logits_of(outputs)
 
 

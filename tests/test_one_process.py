@@ -1,4 +1,5 @@
-"""Several codistilled models in one process: tiny ViTs on scikit-learn's digits, compared with plain `Trainer` runs."""
+"""Several codistilled models in one process: tiny ViTs on scikit-learn's digits, compared with plain `Trainer`
+runs."""
 
 import copy
 import json
@@ -11,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
-from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint
-from hf_codistill import one_process
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint, one_process
 from hf_codistill.checkpointing import PEERS_NAME, STATE_NAME
 from hf_codistill.one_process import OneProcessCodistillTrainer
 from tests.scripts.train_digits import checksum, digits_dataset
@@ -24,10 +24,15 @@ COMMON = dict(per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=
 def vit(seed, hidden_size=32, num_labels=10, dropout=0.0):
     set_seed(seed)
     return ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden_size, num_labels=num_labels, hidden_dropout_prob=dropout,
+        image_size=8, patch_size=4, num_channels=1, hidden_size=hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, num_labels=num_labels, hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
     ))
+
+
+def _softmax(logits):
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
 
 
 def codistill_args(out, **overrides):
@@ -53,7 +58,8 @@ class Recorder(TrainerCallback):
 
 
 def test_list_of_models_gives_the_one_process_trainer(tmp_path):
-    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path), train_dataset=digits_dataset(32)[0])
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path),
+                               train_dataset=digits_dataset(32)[0])
     assert isinstance(trainer, OneProcessCodistillTrainer) and isinstance(trainer, CodistillTrainer)
     assert len(trainer.models) == 2 and trainer.num_groups == 2
     with pytest.raises(ValueError, match="num_groups=3"):
@@ -81,13 +87,14 @@ def test_alpha_zero_equals_plain_trainer_per_model_with_per_model_clipping(tmp_p
         plain = Trainer(model=model, args=plain_args, train_dataset=train)
         plain.train()
         assert checksum(trainer.models[group].parameters()) == checksum(model.parameters())
-        assert by_step(logs, f"group_{group}/loss") == pytest.approx(by_step(plain.state.log_history, "loss"), rel=1e-6)
+        expected = by_step(plain.state.log_history, "loss")
+        assert by_step(logs, f"group_{group}/loss") == pytest.approx(expected, rel=1e-6)
 
 
 def test_peers_stay_stale_until_every_kth_step(tmp_path):
     train, _ = digits_dataset(64)
-    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=7, codistill_sync_every=3),
-                               train_dataset=train)
+    args = codistill_args(tmp_path, max_steps=7, codistill_sync_every=3)
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=args, train_dataset=train)
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
     trainer.train()
@@ -124,7 +131,8 @@ def test_fresh_peers_are_the_live_models(tmp_path, monkeypatch):
     """k = 1 distils from the live models (no copies); that is the same as copies refreshed after every step."""
     train, _ = digits_dataset(64)
     args = dict(max_steps=4, codistill_sync_every=1)
-    live = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "live", **args), train_dataset=train)
+    live = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "live", **args),
+                            train_dataset=train)
     live.train()
     assert live.peers.live and live.peers.copies is None
     local_peers = one_process.LocalPeers
@@ -163,7 +171,8 @@ def train_on_stream(out, num_examples, max_steps):
     compute_loss = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *args, **kwargs):
-        seen.append((trainer.models.index(model), inputs["pixel_values"].shape[0], float(inputs["pixel_values"].sum())))
+        pixels = inputs["pixel_values"]
+        seen.append((trainer.models.index(model), pixels.shape[0], float(pixels.sum())))
         return compute_loss(model, inputs, *args, **kwargs)
 
     trainer.compute_loss = recording_compute_loss
@@ -179,7 +188,8 @@ def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
 
 
 def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp_path):
-    """33 examples, b = 16, G = 2: the stream's last batch holds 1 example; both models train on it (no empty batch)."""
+    """33 examples, b = 16, G = 2: the stream's last batch holds 1 example; both models train on it (no empty
+    batch)."""
     trainer, seen, train = train_on_stream(tmp_path, 33, max_steps=4)
     assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16), (0, 1), (1, 1)] * 2
     assert seen[2][2] == seen[3][2] == float(train[32]["pixel_values"].sum())
@@ -197,7 +207,8 @@ def test_split_per_model_cuts_per_example_values_at_the_same_boundaries():
     assert second["ids"] == list("de")
     assert all(part["meta"] == ["m"] and part["mode"] == "train" and part["scale"] == 2.0 for part in (first, second))
     # Fewer examples than models: every model gets the whole batch.
-    assert all(part["labels"].tolist() == [0] for part in one_process.split_per_model({"labels": torch.tensor([0])}, 3))
+    parts = one_process.split_per_model({"labels": torch.tensor([0])}, 3)
+    assert all(part["labels"].tolist() == [0] for part in parts)
 
 
 def test_a_model_card_without_training_has_a_folder_per_model(tmp_path):
@@ -251,7 +262,8 @@ def test_save_layout_and_resume(saved_run, tmp_path):
     final = [checksum(m.parameters()) for m in trainer.models]
     # The distributed mode's layout: one folder per model, complete checkpoints, rotation, group 0 at the root.
     for group in (0, 1):
-        assert sorted(p.name for p in (out / f"group_{group}").glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-9"]
+        checkpoints = sorted(p.name for p in (out / f"group_{group}").glob("checkpoint-*"))
+        assert checkpoints == ["checkpoint-6", "checkpoint-9"]
         checkpoint = out / f"group_{group}" / "checkpoint-6"
         for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
                      PEERS_NAME, STATE_NAME):
@@ -271,7 +283,8 @@ def test_save_layout_and_resume(saved_run, tmp_path):
         shutil.rmtree(out / f"group_{group}" / "checkpoint-9")
     resumed = run(resume=True)
     assert [checksum(m.parameters()) for m in resumed.models] == final
-    assert by_step(resumed.state.log_history, "group_1/loss")[9] == by_step(trainer.state.log_history, "group_1/loss")[9]
+    resumed_loss = by_step(resumed.state.log_history, "group_1/loss")[9]
+    assert resumed_loss == by_step(trainer.state.log_history, "group_1/loss")[9]
 
 
 def test_evaluation_reports_each_model_the_ensemble_and_agreement(saved_run):
@@ -280,15 +293,14 @@ def test_evaluation_reports_each_model_the_ensemble_and_agreement(saved_run):
     output = trainer.predict(trainer.eval_dataset)
     logits, labels = output.predictions, output.label_ids
     assert len(logits) == 2
-    top1 = [l.argmax(-1) for l in logits]
-    probabilities = np.mean([np.exp(l - l.max(-1, keepdims=True)) / np.exp(l - l.max(-1, keepdims=True)).sum(-1,
-                                                                                                     keepdims=True)
-                             for l in logits], axis=0)
+    top1 = [model_logits.argmax(-1) for model_logits in logits]
+    probabilities = np.mean([_softmax(model_logits) for model_logits in logits], axis=0)
     assert metrics["eval_accuracy"] == metrics["group_0/eval_accuracy"] == pytest.approx(np.mean(top1[0] == labels))
     assert metrics["group_1/eval_accuracy"] == pytest.approx(np.mean(top1[1] == labels))
     assert metrics["eval_ensemble_accuracy"] == pytest.approx(np.mean(probabilities.argmax(-1) == labels))
     expected_loss = -np.mean(np.log(probabilities[np.arange(len(labels)), labels]))
     assert metrics["eval_ensemble_loss"] == pytest.approx(expected_loss, rel=1e-5)
-    assert metrics["eval_agreement_0_1"] == metrics["eval_agreement_mean"] == pytest.approx(np.mean(top1[0] == top1[1]))
+    agreement = np.mean(top1[0] == top1[1])
+    assert metrics["eval_agreement_0_1"] == metrics["eval_agreement_mean"] == pytest.approx(agreement)
     assert metrics["group_0/eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
     assert metrics["group_1/eval_loss"] != metrics["group_0/eval_loss"]

@@ -52,7 +52,7 @@ def test_peer_compute_metrics_scores_each_model_and_the_ensemble():
     assert metrics["group_2/accuracy"] == pytest.approx(2 / 3)
     # Majority vote of the one-hot models: [1, 2, 0, *] -> all three labelled positions right.
     assert metrics["ensemble_accuracy"] == pytest.approx(1.0)
-    ensemble = ensemble_logits([torch.as_tensor(l) for l in logits])
+    ensemble = ensemble_logits([torch.as_tensor(model_logits) for model_logits in logits])
     expected_loss = -np.mean([ensemble[position, label].item() for position, label in enumerate(LABELS[:3])])
     assert metrics["ensemble_loss"] == pytest.approx(expected_loss)
     assert metrics["agreement_mean"] == pytest.approx(5 / 9)

@@ -81,12 +81,14 @@ def _check_peer_metrics_by_hand(out):
     pixels = torch.stack([transform(image, train=False) for image in images["image"]])
     labels = torch.tensor(images["label"])
     with torch.no_grad():
-        logits = [AutoModelForImageClassification.from_pretrained(out / f"group_{g}").eval()(pixel_values=pixels).logits
-                  for g in (0, 1)]
+        models = [AutoModelForImageClassification.from_pretrained(out / f"group_{g}").eval() for g in (0, 1)]
+        logits = [model(pixel_values=pixels).logits for model in models]
     probabilities = (logits[0].softmax(-1) + logits[1].softmax(-1)) / 2
     reported = json.loads((out / "group_0" / "eval_results.json").read_text())
-    assert reported["eval_agreement_0_1"] == pytest.approx((logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item())
-    assert reported["eval_ensemble_accuracy"] == pytest.approx((probabilities.argmax(-1) == labels).float().mean().item())
+    agreement = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+    assert reported["eval_agreement_0_1"] == pytest.approx(agreement)
+    ensemble_accuracy = (probabilities.argmax(-1) == labels).float().mean().item()
+    assert reported["eval_ensemble_accuracy"] == pytest.approx(ensemble_accuracy)
     assert reported["eval_ensemble_loss"] == pytest.approx(
         torch.nn.functional.nll_loss(probabilities.log(), labels).item(), rel=1e-4)
 
@@ -158,9 +160,11 @@ def test_evaluation_without_validation_split_is_refused(tmp_path, monkeypatch):
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, monkeypatch):
     GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "model")
     gpt2_bpe_tokenizer().save_pretrained(tmp_path / "gpt2-tokenizer")
-    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model embeds only 1000.*--tokenizer_name"):
+    refused = "tokenizer has 50257 tokens but the model embeds only 1000.*--tokenizer_name"
+    with pytest.raises(ValueError, match=refused):
         _run_main("run_clm", monkeypatch, "--do_train", "--use_cpu", "--output_dir", str(tmp_path / "out"),
-                  "--model_name_or_path", str(tmp_path / "model"), "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))
+                  "--model_name_or_path", str(tmp_path / "model"),
+                  "--tokenizer_name", str(tmp_path / "gpt2-tokenizer"))
 
 
 def test_mlm_needs_a_mask_token(tmp_path, monkeypatch):
@@ -173,10 +177,11 @@ def test_mlm_needs_a_mask_token(tmp_path, monkeypatch):
 def test_models_from_a_pretrained_config_do_not_claim_pretrained_weights(tmp_path):
     """`--config_name <pre-trained path>` trains from scratch: the model keeps no path, so groups start from different
     random weights (`codistill_shared_init` unset) and the model card names no base model."""
+    from transformers import AutoTokenizer, ViTConfig
+
     from hf_codistill.image_pipeline import build_image_classifier
     from hf_codistill.recipe_args import ModelArguments
     from hf_codistill.text_pipeline import build_language_model
-    from transformers import AutoTokenizer, ViTConfig
 
     ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
               intermediate_size=32).save_pretrained(tmp_path / "vit")

@@ -477,8 +477,9 @@ def summarise(results: list[dict]) -> dict:
                 if any(r["method"] == method and r["seed"] in seeds for r in by[study])
             }
     summary["tables"]["vit_precision"] = {
-        method: aggregate([r for r in by.get("vit_precision", []) if r["method"] == method])
-        for method in ("codistill", "codistill_bf16") if any(r["method"] == method for r in by.get("vit_precision", []))
+        method: aggregate(rows)
+        for method in ("codistill", "codistill_bf16")
+        if (rows := [r for r in by.get("vit_precision", []) if r["method"] == method])
     }
     sweep = by.get("vit_sync_every", [])
     summary["tables"]["vit_sync_every"] = {
@@ -635,7 +636,8 @@ def sync_table(rows: dict, steps: int) -> list[str]:
 
 
 def precision_table(rows: dict) -> list[str]:
-    lines = ["| peer copies | eval acc. (%) | eval loss | ensemble acc. (%) | agreement (%) | final train loss | runs |",
+    lines = ["| peer copies | eval acc. (%) | eval loss | ensemble acc. (%) | agreement (%) | final train loss "
+             "| runs |",
              "|---|---|---|---|---|---|---|"]
     for method, label in (("codistill", "float32 (default)"), ("codistill_bf16", "bfloat16")):
         if method in rows:
@@ -861,16 +863,16 @@ def report(results: list[dict], summary: dict, meta: dict, out: str, plots: list
         long_steps = next(r["steps"] for r in results if r.get("ok") and study in r["studies"])
         lines += [f"### ViT: {long_steps} steps ({long_steps // sizes['vit']['steps']}x the main comparison, seeds "
                   f"{', '.join(map(str, first['seeds']))})", "",
-                  "The main comparison's settings (LR schedule, weight decay, k, batch sizes) with more optimizer steps "
-                  "and evaluations at the same fractions of training: does the gap to all-reduce close as the models "
-                  "train longer, and does the weight-decay schedule matter then?", ""]
+                  "The main comparison's settings (LR schedule, weight decay, k, batch sizes) with more optimizer "
+                  "steps and evaluations at the same fractions of training: does the gap to all-reduce close as the "
+                  "models train longer, and does the weight-decay schedule matter then?", ""]
         lines += main_table(t[study], mlm=False) + [""]
         lines += claims_table(t[study], mlm=False) + [""]
     if t.get("vit_precision"):
         lines += ["### ViT: peer copies in bfloat16 (`--codistill_peer_dtype bfloat16`)", "",
                   "The main comparison's codistillation (constant WD) with the stale peers held and exchanged in "
-                  "bfloat16: half the peers' memory and half the bytes per exchange. Same seeds; the models themselves "
-                  "train in float32.", ""]
+                  "bfloat16: half the peers' memory and half the bytes per exchange. Same seeds; the models "
+                  "themselves train in float32.", ""]
         lines += precision_table(t["vit_precision"]) + [""]
     if plots:
         lines += ["### Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in plots] + [""]
@@ -967,8 +969,13 @@ def main(argv=None) -> int:
                                 logging_steps=max(1, min(preset[task]["logging_steps"], args.steps // 10)))
     # How runs launch: 4 processes on the CPU, or one process per run standing for the 4 workers (GPU, or CPU check).
     mode = "gpu" if args.gpu else "cpu1" if args.single_process else "cpu"
-    # The GPU study has its own folder: its runs share names (not commands) with the CPU study's and would replace them.
-    default_out = os.path.join(HERE, "runs", "smoke") if args.smoke else os.path.join(HERE, "gpu") if args.gpu else HERE
+    # The GPU study has its own folder: its runs share names (not commands) with the CPU study's and would replace
+    # them.
+    default_out = HERE
+    if args.smoke:
+        default_out = os.path.join(HERE, "runs", "smoke")
+    elif args.gpu:
+        default_out = os.path.join(HERE, "gpu")
     out = os.path.abspath(args.out or default_out)
     work_dir = os.path.abspath(args.work_dir or os.path.join(out, "runs"))
     results_dir = os.path.join(out, "results")

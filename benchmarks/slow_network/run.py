@@ -7,7 +7,7 @@ directions are shaped with a token bucket (`tbf`) to the link speed under test, 
 Codistillation puts one group on each node, so only its peer exchange crosses the trunk; DDP's ring all-reduce over
 all W workers crosses it every step. `--layout flat` instead shapes every host's own port (all links slow).
 
-    sudo python benchmarks/slow_network/run.py                  # ~10 min on an idle machine: 1gbit and 100mbit, both methods
+    sudo python benchmarks/slow_network/run.py          # ~10 min on an idle machine: 1gbit and 100mbit, both methods
     sudo python benchmarks/slow_network/run.py --smoke          # seconds: tiny model, one speed, a few steps
 
 For each link speed: the all-reduce run trains for `--max_steps`; its final evaluation loss is the target that the

@@ -21,8 +21,8 @@ import torch
 from transformers import TrainerCallback, ViTConfig, ViTForImageClassification, set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
 from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -32,7 +32,8 @@ class FashionMNIST(torch.utils.data.Dataset):
 
     def __init__(self, prefix, limit=None):
         def read(name):
-            with gzip.open(os.path.join(FASHION_MNIST_DIR, f"{prefix}-{name}-idx{3 if name == 'images' else 1}-ubyte.gz")) as f:
+            file_name = f"{prefix}-{name}-idx{3 if name == 'images' else 1}-ubyte.gz"
+            with gzip.open(os.path.join(FASHION_MNIST_DIR, file_name)) as f:
                 data = f.read()
             return np.frombuffer(data, np.uint8, offset=16 if name == "images" else 8)
 

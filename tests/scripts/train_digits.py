@@ -9,7 +9,7 @@ import sys
 
 import torch
 from sklearn.datasets import load_digits
-from transformers import HfArgumentParser, TrainerCallback, Trainer, ViTConfig, ViTForImageClassification, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, ViTConfig, ViTForImageClassification, set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
