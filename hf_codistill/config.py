@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
 
+logger = logging.get_logger(__name__)
+
 DISTILLATION_LOSSES = ("kl", "ce", "mse")
 PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Options that only act on codistilled groups (the weight-decay schedule and the parameter distance also serve the
+# all-reduce baseline).
+CODISTILL_ONLY_OPTIONS = (
+    "num_groups", "codistill_alpha", "codistill_loss", "codistill_temperature", "codistill_sync_every",
+    "codistill_burn_in_steps", "codistill_alpha_warmup_steps", "codistill_shared_init", "codistill_shared_batch",
+    "codistill_peer_metrics", "codistill_sharded_exchange", "codistill_overlap_exchange", "codistill_peer_dtype",
+    "codistill_position_fraction",
+)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 @dataclass
@@ -53,11 +69,13 @@ class CodistillTrainingArguments(TrainingArguments):
             loaded with `from_pretrained` and start from different random weights (seed + group index) when it was
             built from a config or by `model_init`. "Loaded" is read from the model's `name_or_path`, which a model
             built with `from_config` inherits from a config loaded with `AutoConfig.from_pretrained`: set it
-            explicitly there (the recipes clear that path for models trained from scratch).
+            explicitly there (the recipes clear that path for models trained from scratch). On the command line it
+            takes a value: `--codistill_shared_init true` or `false`.
         codistill_log_param_distance (`bool`, *optional*):
             Log each model's L2 distance from its initial parameters as `param_distance_from_init` (Sodhani et al.'s
             Fig. 1c diagnostic of over-regularization). Keeps one copy of the initial parameters in CPU memory and in
-            each checkpoint. Left unset: on with `codistill`, off without; set it to compare an all-reduce run.
+            each checkpoint. Left unset: on with `codistill`, off without; set it to compare an all-reduce run. On
+            the command line it takes a value: `--codistill_log_param_distance true`.
         codistill_shared_batch (`bool`, *optional*, defaults to `False`):
             With a list of models in one process: every model trains on the same batch each step (as in Deep Mutual
             Learning) instead of its own shuffling order (seed + model index), which is what groups see when launched.
@@ -134,13 +152,14 @@ class CodistillTrainingArguments(TrainingArguments):
     codistill_shared_init: bool | None = field(
         default=None,
         metadata={
-            "help": "Start every group from group 0's weights. Unset: shared for pre-trained models, different "
-            "random initialisations for models built from a config."
+            "help": "Start every group from group 0's weights (`true`/`false`). Unset: shared for pre-trained "
+            "models, different random initialisations for models built from a config."
         },
     )
     codistill_log_param_distance: bool | None = field(
         default=None,
-        metadata={"help": "Log each model's L2 distance from its initial parameters (default: with --codistill)."},
+        metadata={"help": "Log each model's L2 distance from its initial parameters (`true`/`false`; default: with "
+                  "--codistill)."},
     )
     codistill_shared_batch: bool = field(
         default=False,
@@ -185,26 +204,44 @@ class CodistillTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_codistill_arguments()
+        self._warn_about_options_without_effect()
+        if launched_world_size() > 1 and not _has_accelerator():
+            # Without it accelerate treats a CPU-only launch as W unrelated processes: no group gets DDP, and
+            # without `codistill` the all-reduce baseline becomes W separate runs writing to one `output_dir`.
+            self.use_cpu = True
         # The groups must exist before `TrainingArguments` sets up accelerate, which would otherwise join every
         # launched process into one data-parallel world.
-        if self.codistill and launched_world_size() > 1:
-            if not torch.cuda.is_available():
-                # Without it accelerate treats a CPU-only launch as W unrelated processes and no group gets DDP.
-                self.use_cpu = True
-            if get_topology() is None:
-                init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend)
+        if self.codistill and launched_world_size() > 1 and get_topology() is None:
+            init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend)
         super().__post_init__()
+
+    def _warn_about_options_without_effect(self) -> None:
+        if not self.codistill:
+            defaults = {f.name: f.default for f in fields(self) if f.name in CODISTILL_ONLY_OPTIONS}
+            defaults_too = {"num_groups": 1}  # one group: what a run without codistillation is
+            ignored = [name for name in CODISTILL_ONLY_OPTIONS
+                       if getattr(self, name) not in (defaults[name], defaults_too.get(name, defaults[name]))]
+            if ignored:
+                logger.warning(
+                    f"{', '.join(f'`{name}`' for name in ignored)} only act on codistilled models and are ignored "
+                    "without `codistill=True` (`--codistill`): this trains one all-reduce model."
+                )
+        if self.codistill_weight_decay_schedule != "constant" and self.weight_decay == 0:
+            logger.warning(
+                f"`codistill_weight_decay_schedule={self.codistill_weight_decay_schedule!r}` scales weight decay, but "
+                "`weight_decay` is 0 (Trainer's default): set `--weight_decay` to the starting value for it to act."
+            )
 
     def _check_codistill_arguments(self) -> None:
         if self.codistill_loss not in DISTILLATION_LOSSES:
             raise ValueError(
                 f"`codistill_loss` must be one of {', '.join(DISTILLATION_LOSSES)}, got {self.codistill_loss!r}."
             )
-        if self.codistill_alpha < 0:
+        if not self.codistill_alpha >= 0:  # NaN too
             raise ValueError(
                 f"`codistill_alpha` must be >= 0 (0 trains independent models), got {self.codistill_alpha}."
             )
-        if self.codistill_temperature <= 0:
+        if not self.codistill_temperature > 0:
             raise ValueError(f"`codistill_temperature` must be > 0, got {self.codistill_temperature}.")
         if self.codistill_sync_every < 1:
             raise ValueError(

@@ -15,11 +15,23 @@ import re
 import struct
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                         "Ankle boot"]
+
+
+def load_hub_dataset(name: str, config_name: str | None, builtin: dict, local_hint: str, **kwargs) -> DatasetDict:
+    """`datasets.load_dataset(name, config_name)`, failing with the offline alternatives named: a mistyped name
+    otherwise ends in a traceback from inside `datasets` about the Hub."""
+    try:
+        return load_dataset(name, config_name, **kwargs)
+    except Exception as error:
+        raise ValueError(
+            f"Could not load the data set {name!r} ({type(error).__name__}: {error}). Built in and offline: "
+            f"{', '.join(builtin)}; otherwise give a Hub data set this machine can reach, or {local_hint}."
+        ) from error
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> Dataset:

@@ -11,7 +11,7 @@ from datasets import DatasetDict, load_dataset
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig
 
-from .data import BUILTIN_IMAGE_DATASETS
+from .data import BUILTIN_IMAGE_DATASETS, load_hub_dataset
 from .recipe_args import ImageDataArguments, ModelArguments
 
 
@@ -28,8 +28,9 @@ def load_image_data(data_args: ImageDataArguments, model_args: ModelArguments, s
         if name in BUILTIN_IMAGE_DATASETS:
             raw, description = BUILTIN_IMAGE_DATASETS[name](), f"{name} (built in, offline)"
         else:
-            raw = load_dataset(name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-                               token=model_args.token)
+            raw = load_hub_dataset(name, data_args.dataset_config_name, BUILTIN_IMAGE_DATASETS,
+                                   "an imagefolder with `--train_dir`", cache_dir=model_args.cache_dir,
+                                   token=model_args.token)
             description = name
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in raw["train"].column_names:

@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def _check_sample_limits(data_args) -> None:
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` is {value}; give a positive number of examples, or leave it unset for all.")
+
+
 @dataclass
 class ModelArguments:
     """Which model, config and tokenizer / image processor to start from."""
@@ -85,6 +92,12 @@ class TextDataArguments:
             )
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"`--mlm_probability` is {self.mlm_probability}; give a fraction in (0, 1).")
+        if self.max_seq_length is not None and self.max_seq_length < 1:
+            raise ValueError(
+                f"`--max_seq_length` is {self.max_seq_length}; give a positive number of tokens, or leave it unset "
+                "for the tokenizer's maximum (capped at 1024)."
+            )
+        _check_sample_limits(self)
         for name in ("train_file", "validation_file"):
             path = getattr(self, name)
             if path is not None and path.rsplit(".", 1)[-1] not in ("txt", "csv", "json", "jsonl"):
@@ -116,3 +129,6 @@ class ImageDataArguments:
     random_flip: bool = field(default=False, metadata={"help": "Augmentation: random horizontal flips."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
+
+    def __post_init__(self):
+        _check_sample_limits(self)

@@ -9,7 +9,7 @@ from datasets import DatasetDict, load_dataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .compat import disable_unsupported_loss_kwargs
-from .data import BUILTIN_TEXT_DATASETS
+from .data import BUILTIN_TEXT_DATASETS, load_hub_dataset
 from .recipe_args import ModelArguments, TextDataArguments
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ def load_text_data(data_args: TextDataArguments, model_args: ModelArguments, see
         if name in BUILTIN_TEXT_DATASETS:
             raw, description = BUILTIN_TEXT_DATASETS[name](), f"{name} (built in, offline)"
         else:
-            raw = load_dataset(name, data_args.dataset_config_name, cache_dir=model_args.cache_dir,
-                               token=model_args.token)
+            raw = load_hub_dataset(name, data_args.dataset_config_name, BUILTIN_TEXT_DATASETS,
+                                   "local files with `--train_file`", cache_dir=model_args.cache_dir,
+                                   token=model_args.token)
             config_name = data_args.dataset_config_name
             description = name if config_name is None else f"{name} ({config_name})"
     if "train" not in raw:
