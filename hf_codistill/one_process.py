@@ -50,6 +50,7 @@ from .checkpointing import (
     rotate_group_checkpoints,
     write_run_info,
 )
+from .compat import align_loss_accounting
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
 from .losses import distillation_to_peers, scored_sample, token_mask
@@ -67,8 +68,34 @@ class CodistilledModels(nn.Module):
 
     def __init__(self, models: list[nn.Module]):
         super().__init__()
+        for model in models:
+            align_loss_accounting(model)
         self.models = nn.ModuleList(models)
         self.main_input_name = getattr(models[0], "main_input_name", "input_ids")
+        # Trainer reads these from its model: whether the loss shifts labels (the token count under gradient
+        # accumulation), label smoothing's checks. The models share an architecture, so model 0 speaks for all.
+        self.loss_type = getattr(models[0], "loss_type", None)
+        self.config = getattr(models[0], "config", None)
+        self.supports_gradient_checkpointing = all(
+            getattr(model, "supports_gradient_checkpointing", False) for model in models
+        )
+
+    # Trainer's `gradient_checkpointing` (`activation_checkpointing` from transformers 5.2x on), for every model.
+    def activation_checkpointing_enable(self, **kwargs):
+        for model in self.models:
+            model.activation_checkpointing_enable(**kwargs)
+
+    def activation_checkpointing_disable(self):
+        for model in self.models:
+            model.activation_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        for model in self.models:
+            model.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self):
+        for model in self.models:
+            model.gradient_checkpointing_disable()
 
     @property
     def accepts_loss_kwargs(self) -> bool:
@@ -428,7 +455,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
     # ---- Data -----------------------------------------------------------------------------------------------
 
     def _set_signature_columns_if_needed(self) -> None:
-        # Private Trainer hook (transformers 5.17-5.24): the holder's `forward` names no input, so keep the columns
+        # Private Trainer hook (transformers 5.18-5.24): the holder's `forward` names no input, so keep the columns
         # any model takes, or `remove_unused_columns` drops them all.
         if self._signature_columns is None:
             columns = []
@@ -441,12 +468,12 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             return Trainer.get_train_dataloader(self)
         if not hasattr(self.train_dataset, "__len__"):
             # A stream has no order to seed per model: each batch of G x b consecutive examples is dealt out, b each.
-            # Private Trainer helper (5.17-5.24), as below.
+            # Private Trainer helper (5.18-5.24), as below.
             return self._get_dataloader(dataset=self.train_dataset, description="Training",
                                         batch_size=self._train_batch_size * self.num_groups, is_training=True)
         seeds = [view.data_seed if view.data_seed is not None else view.seed for view in self._group_args]
         sampler = PerModelOrderSampler(len(self.train_dataset), self._train_batch_size, seeds)
-        # Private Trainer helper (5.17-5.24): it removes unused columns, builds the collator and prepares the loader.
+        # Private Trainer helper (5.18-5.24): it removes unused columns, builds the collator and prepares the loader.
         return self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",
@@ -462,7 +489,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             return batch_samples, num_items_in_batch
         per_model = [split_per_model(batch, self.num_groups) for batch in batch_samples]
         counts = [
-            # Private Trainer helper (5.17-5.24): counts labels the way the model's loss normalises by them.
+            # Private Trainer helper (5.18-5.24): counts labels the way the model's loss normalises by them.
             self._get_num_items_in_batch([batches[group] for batches in per_model], device)
             for group in range(self.num_groups)
         ]
@@ -489,7 +516,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         return self.lr_scheduler
 
     def _clip_grad_norm(self, model):
-        # Private Trainer hook (5.17-5.24). One global norm over all models would let one model's large gradients
+        # Private Trainer hook (5.18-5.24). One global norm over all models would let one model's large gradients
         # shrink every other model's update, so each model is clipped on its own; Trainer logs model 0's norm.
         self.accelerator.unscale_gradients()
         self._grad_norms = [
@@ -498,7 +525,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         return self._grad_norms[0]
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # Private Trainer hook (5.17-5.24): without clipping, report the per-model norms as well.
+        # Private Trainer hook (5.18-5.24): without clipping, report the per-model norms as well.
         if grad_norm is None:
             self._grad_norms = [
                 torch.nn.utils.clip_grad_norm_(list(each.parameters()), float("inf")) for each in self.models
@@ -596,7 +623,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         metrics["task_loss"].append(loss.detach() / (1 if loss_is_scaled_for_ga else ga_steps))
         alpha = self.current_alpha()
         if alpha > 0:
-            distill = self._distillation_to_peers(group, logits_of(outputs, with_loss=True), peer_inputs, labels)
+            student_logits = logits_of(outputs, with_loss=self._outputs_hold_loss(labels))
+            distill = self._distillation_to_peers(group, student_logits, peer_inputs, labels)
             metrics["distill_loss"].append(distill.detach() / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
         metrics["alpha"].append(torch.tensor(alpha))
@@ -774,13 +802,13 @@ class OneProcessCodistillTrainer(CodistillTrainer):
                 CodistillTrainer.create_model_card(self, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # Private Trainer hook (5.17-5.24): each model's optimizer.pt / scheduler.pt in its own checkpoint folder.
+        # Private Trainer hook (5.18-5.24): each model's optimizer.pt / scheduler.pt in its own checkpoint folder.
         for group in range(self.num_groups):
             with self._as_group(group):
                 Trainer._save_optimizer_and_scheduler(self, _sibling_checkpoint(output_dir, group))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # Private Trainer hook (5.17-5.24), the counterpart of `_save_optimizer_and_scheduler`.
+        # Private Trainer hook (5.18-5.24), the counterpart of `_save_optimizer_and_scheduler`.
         if checkpoint is None:
             return
         for group in range(self.num_groups):
@@ -788,12 +816,12 @@ class OneProcessCodistillTrainer(CodistillTrainer):
                 Trainer._load_optimizer_and_scheduler(self, _sibling_checkpoint(checkpoint, group))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Private Trainer hook (5.17-5.24): load each model's weights from its own group's checkpoint.
+        # Private Trainer hook (5.18-5.24): load each model's weights from its own group's checkpoint.
         for group in range(self.num_groups):
             self._load_group_weights(group, _sibling_checkpoint(resume_from_checkpoint, group))
 
     def _load_best_model(self) -> None:
-        # Private Trainer hook (5.17-5.24) of `load_best_model_at_end`: the best step is chosen on model 0's metric.
+        # Private Trainer hook (5.18-5.24) of `load_best_model_at_end`: the best step is chosen on model 0's metric.
         best = self.state.best_model_checkpoint
         for group in range(self.num_groups):
             self._load_group_weights(group, _sibling_checkpoint(best, group))

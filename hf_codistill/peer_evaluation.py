@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import EvalPrediction
 from transformers.trainer_pt_utils import nested_concat, nested_numpify
+from transformers.trainer_utils import denumpify_detensorize
 
 from .losses import IGNORE_INDEX
 from .peer_metrics import ensemble_logits, labelled_nll, top1_agreement
@@ -35,11 +36,15 @@ def _are_class_scores(logits: torch.Tensor, labels: torch.Tensor | None) -> bool
 class PeerEvaluation:
     """Accumulates one evaluation's ensemble and agreement over batches; `metrics` scores them at the end."""
 
-    def __init__(self, accelerator, group_index: int, causal: bool, preprocess_logits_for_metrics=None):
+    def __init__(self, accelerator, group_index: int, causal: bool, preprocess_logits_for_metrics=None,
+                 keep_predictions: bool = True):
         self.accelerator = accelerator
         self.group_index = group_index
         self.causal = causal
         self.preprocess = preprocess_logits_for_metrics
+        # Without `compute_metrics` nothing reads the ensemble's predictions: a language model's would be
+        # (examples x positions x vocabulary) floats on the host.
+        self.keep_predictions = keep_predictions
         self.ensemble_predictions = None
         self.labels = None
         self.top1 = None
@@ -54,18 +59,21 @@ class PeerEvaluation:
         if not _are_class_scores(logits[0], labels):
             return  # regression or multi-label heads: no class probabilities to ensemble or top-1 to compare
         ensemble = ensemble_logits(logits)
-        predictions = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
         aligned = [(model_logits[:, :-1] if self.causal else model_logits) for model_logits in logits]
         # Models last, so that the position dimension (1) is padded like every other tensor's.
         # (batch[, positions], G)
         top1 = torch.stack([model_logits.argmax(dim=-1) for model_logits in aligned], dim=-1)
-        batch = {"ensemble_predictions": predictions, "top1": top1}
+        batch = {"top1": top1}
+        if self.keep_predictions:
+            batch["ensemble_predictions"] = ensemble if self.preprocess is None else self.preprocess(ensemble, labels)
         if labels is not None:
             token_loss, valid = labelled_nll(ensemble, labels, self.causal)
             top1.masked_fill_(~valid.unsqueeze(-1), IGNORE_INDEX)
             dims = tuple(range(1, token_loss.dim()))
-            batch.update(labels=labels, loss_sum=token_loss.sum(dim=dims) if dims else token_loss,
+            batch.update(loss_sum=token_loss.sum(dim=dims) if dims else token_loss,
                          loss_count=valid.sum(dim=dims) if dims else valid.long())
+            if self.keep_predictions:
+                batch["labels"] = labels
         for name, tensor in batch.items():
             # Sequences differ in length across ranks and batches: pad the position dimension as Trainer does.
             if tensor.dim() > 1 + (name == "top1"):
@@ -83,10 +91,11 @@ class PeerEvaluation:
         metrics = {}
         if self.loss_sum is not None and self.loss_count.sum() > 0:
             metrics["ensemble_loss"] = float(self.loss_sum.sum() / self.loss_count.sum())
-        if compute_metrics is not None and self.labels is not None:
+        if compute_metrics is not None and self.labels is not None and self.ensemble_predictions is not None:
             scored = compute_metrics(EvalPrediction(predictions=self.ensemble_predictions, label_ids=self.labels))
             metrics.update({f"ensemble_{key}": value for key, value in scored.items()})
         per_model = [self.top1[..., g] for g in range(self.top1.shape[-1])]
         # Unlabelled positions and padding carry IGNORE_INDEX in every model's row.
         metrics.update(top1_agreement(per_model, mask=per_model[0] != IGNORE_INDEX))
-        return {f"{prefix}_{key}": value for key, value in metrics.items()}
+        # Plain Python numbers, as Trainer makes its own: the logs cross processes as JSON.
+        return denumpify_detensorize({f"{prefix}_{key}": value for key, value in metrics.items()})

@@ -8,7 +8,7 @@ from itertools import chain
 from datasets import DatasetDict, load_dataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .compat import disable_unsupported_loss_kwargs
+from .compat import align_loss_accounting
 from .data import BUILTIN_TEXT_DATASETS, load_hub_dataset
 from .recipe_args import ModelArguments, TextDataArguments
 
@@ -103,7 +103,7 @@ def build_language_model(model_args: ModelArguments, auto_class, tokenizer: PreT
         config._name_or_path = ""
         model = auto_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
     check_tokenizer_fits_model(tokenizer, model)
-    disable_unsupported_loss_kwargs(model)
+    align_loss_accounting(model)
     return model
 
 

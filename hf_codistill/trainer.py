@@ -10,6 +10,7 @@ import os
 from collections import defaultdict
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -27,7 +28,7 @@ from .checkpointing import (
     rotate_group_checkpoints,
     write_run_info,
 )
-from .compat import disable_unsupported_loss_kwargs
+from .compat import align_loss_accounting
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
 from .losses import distillation_to_peers, scored_sample, token_mask
@@ -49,8 +50,12 @@ def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
     Trainer's resume loads the raw state dict; for models whose saved names differ from their module names (ViT in
     transformers 5.2x) it silently keeps the current weights, and resumed runs drift off their trajectory.
     """
-    if not isinstance(model, PreTrainedModel) or not os.path.isfile(os.path.join(checkpoint, SAFE_WEIGHTS_NAME)):
+    weights = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+    if not isinstance(model, PreTrainedModel) or not os.path.isfile(weights):
         return
+    with safe_open(weights, framework="pt") as saved_file:
+        if set(saved_file.keys()) <= set(model.state_dict()):
+            return  # nothing renamed: the raw state dict loaded every weight
     saved = type(model).from_pretrained(checkpoint, config=model.config)
     with torch.no_grad():
         model.load_state_dict(saved.state_dict(), strict=False)
@@ -136,7 +141,7 @@ class CodistillTrainer(Trainer):
                     f"{args.num_groups} models: `CodistillTrainer(model=[model_0, model_1, ...], ...)`."
                 )
             if model is not None:
-                disable_unsupported_loss_kwargs(model)
+                align_loss_accounting(model)
             self.codistill_root = args.output_dir
             self._save_total_limit = args.save_total_limit
             args = self._group_view_of(args)
@@ -158,6 +163,12 @@ class CodistillTrainer(Trainer):
             self.remove_callback(PrinterCallback)
         self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._metrics_since_step = 0
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self.codistilling:
+            align_loss_accounting(model)  # as for a model passed in (see `hf_codistill.compat`)
+        return model
 
     def _add_weight_decay_schedule(self) -> None:
         self.weight_decay_schedule: WeightDecaySchedule | None = None
@@ -263,6 +274,9 @@ class CodistillTrainer(Trainer):
 
     def _finish_codistillation(self) -> None:
         self.peer_copies.finish_exchange()
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            # Trainer has just loaded the best checkpoint's raw state dict, which misses renamed keys.
+            _reload_renamed_weights(self.model, self.state.best_model_checkpoint)
 
     def _snapshot_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().cpu().clone() for name, p in self.model.named_parameters() if p.requires_grad}
@@ -307,6 +321,11 @@ class CodistillTrainer(Trainer):
         self._step_metrics["alpha"].append(torch.tensor(alpha))
         return (loss, outputs) if return_outputs else loss
 
+    def _outputs_hold_loss(self, labels) -> bool:
+        """Whether the model computed its own loss (first in a tuple output): under label smoothing or a
+        `compute_loss_func`, Trainer takes the labels out of the inputs and computes the loss itself."""
+        return labels is not None and self.label_smoother is None and self.compute_loss_func is None
+
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step's decision; `loss_is_scaled_for_ga` exists from transformers 5.2x on.
         declared = getattr(self, "loss_is_scaled_for_ga", None)
@@ -318,7 +337,7 @@ class CodistillTrainer(Trainer):
 
     def _distillation_term(self, model, outputs, peer_inputs, labels) -> torch.Tensor:
         """mean over peers j of D(f_i(x), f_j(x)) at the positions that carry a label."""
-        student_logits = logits_of(outputs, with_loss=True)
+        student_logits = logits_of(outputs, with_loss=self._outputs_hold_loss(labels))
         causal_lm = self._is_causal_lm(model)
         peer_inputs = in_precision(peer_inputs, self.args.peer_torch_dtype)
         positions = scored_sample(token_mask(student_logits, labels, causal_lm), self.args.codistill_position_fraction)
@@ -350,7 +369,8 @@ class CodistillTrainer(Trainer):
         self._eval_peers.check_same_architecture(self.model)
         self._eval_peers.exchange(self.model, self.state.global_step)
         self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index, self._is_causal_lm(self.model),
-                                               self.preprocess_logits_for_metrics)
+                                               self.preprocess_logits_for_metrics,
+                                               keep_predictions=self.compute_metrics is not None)
         try:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
@@ -377,7 +397,7 @@ class CodistillTrainer(Trainer):
 
         Each group scores its own model, so under `save_strategy="best"` or `EarlyStoppingCallback` the groups would
         decide differently, and a group that saves or stops alone leaves the others waiting at the checkpoint's
-        barrier or the next exchange. Private Trainer hook (transformers 5.17-5.24): Trainer calls it right after
+        barrier or the next exchange. Private Trainer hook (transformers 5.18-5.24): Trainer calls it right after
         every evaluation during training, in every process, after the callbacks' `on_evaluate`.
         """
         is_new_best = super()._determine_best_metric(metrics=metrics, trial=trial)

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from transformers import Trainer
+from transformers.testing_utils import CaptureLogger
 
-from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments, config
 
 
 def make_args(tmp_path, **kwargs):
@@ -25,12 +26,56 @@ def make_args(tmp_path, **kwargs):
         ({"codistill_peer_dtype": "int8"}, "`codistill_peer_dtype` must be one of float32, bfloat16, float16"),
         ({"codistill_position_fraction": 0.0}, "`codistill_position_fraction` must be in (0, 1]"),
         ({"codistill_position_fraction": 1.5}, "`codistill_position_fraction` must be in (0, 1]"),
+        ({"codistill_alpha": float("nan")}, "`codistill_alpha` must be >= 0"),
+        ({"codistill_temperature": float("nan")}, "`codistill_temperature` must be > 0"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         make_args(tmp_path, **kwargs)
     assert not dist.is_initialized()
+
+
+def test_options_that_would_do_nothing_are_named(tmp_path):
+    """Forgetting `--codistill` would otherwise train one plain model with the codistillation flags silently unused."""
+    with CaptureLogger(config.logger) as captured:
+        make_args(tmp_path, codistill_alpha=0.5, codistill_sync_every=10, num_groups=1)
+    assert "`codistill_alpha`, `codistill_sync_every` only act on codistilled models" in captured.out
+    assert "--codistill" in captured.out and "num_groups" not in captured.out
+    with CaptureLogger(config.logger) as captured:
+        make_args(tmp_path, codistill_weight_decay_schedule="step")
+    assert "`weight_decay` is 0" in captured.out and "--weight_decay" in captured.out
+    with CaptureLogger(config.logger) as captured:
+        make_args(tmp_path, codistill_weight_decay_schedule="step", weight_decay=0.1,
+                  codistill_log_param_distance=True)
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "dataclass_name,kwargs,message",
+    [
+        ("TextDataArguments", {"max_train_samples": 0}, "`--max_train_samples` is 0; give a positive number"),
+        ("TextDataArguments", {"max_seq_length": 0}, "`--max_seq_length` is 0; give a positive number"),
+        ("ImageDataArguments", {"max_eval_samples": -1}, "`--max_eval_samples` is -1; give a positive number"),
+    ],
+)
+def test_bad_recipe_arguments_are_named(dataclass_name, kwargs, message):
+    from hf_codistill import recipe_args
+
+    with pytest.raises(ValueError, match=message):
+        getattr(recipe_args, dataclass_name)(**kwargs)
+
+
+def test_an_unknown_data_set_names_the_offline_ones():
+    from hf_codistill.recipe_args import ImageDataArguments, ModelArguments, TextDataArguments
+    from hf_codistill.text_pipeline import load_text_data
+
+    with pytest.raises(ValueError, match=r"Could not load the data set './no_such_set'.*shakespeare.*--train_file"):
+        load_text_data(TextDataArguments(dataset_name="./no_such_set"), ModelArguments(), seed=0)
+    from hf_codistill.image_pipeline import load_image_data
+
+    with pytest.raises(ValueError, match=r"'./no_such_set'.*digits, fashion_mnist.*--train_dir"):
+        load_image_data(ImageDataArguments(dataset_name="./no_such_set"), ModelArguments(), 0, needs_validation=True)
 
 
 def test_world_size_not_divisible_by_groups(tmp_path, monkeypatch):

@@ -161,11 +161,13 @@ def test_checkpoint_from_another_number_of_groups_is_refused(codistill_run):
 
 def test_groups_agree_on_best_checkpoints_and_early_stopping(tmp_path, launcher):
     """Group 0 has a new best at every evaluation, group 1 only at the first, and group 1 alone asks to stop at step 4:
-    every group saves when any has a new best and all stop together (deciding alone would hang the others)."""
+    every group saves when any has a new best and all stop together (deciding alone would hang the others). With
+    `load_best_model_at_end` each group ends on its own best weights, ViT's renamed keys included."""
     out = tmp_path / "out"
     ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--output_dir", str(out), "--eval_strategy", "steps",
                                  "--eval_steps", "2", "--save_strategy", "best", "--metric_for_best_model", "score",
-                                 "--greater_is_better", "true", "--x-stop_group_one_at=4"],
+                                 "--greater_is_better", "true", "--load_best_model_at_end", "true",
+                                 "--x-stop_group_one_at=4"],
                      tmp_path / "results", timeout=300)
     assert [len(rank["steps"]) for rank in ranks] == [4, 4, 4, 4]
     for group in (0, 1):
@@ -173,6 +175,10 @@ def test_groups_agree_on_best_checkpoints_and_early_stopping(tmp_path, launcher)
         assert saved == [2, 4]
         assert all((out / f"group_{group}" / f"checkpoint-{step}" / STATE_NAME).is_file() for step in saved)
     assert get_last_checkpoint(str(out), num_groups=2) == 4
+    for rank, best_step in ((0, 4), (2, 2)):
+        best = ViTForImageClassification.from_pretrained(out / f"group_{rank // 2}" / f"checkpoint-{best_step}")
+        assert ranks[rank]["final_params"] == checksum(best.parameters())
+    assert ranks[2]["final_params"] != ranks[2]["steps"][-1]["own"]
 
 
 def test_resume_continues_the_uninterrupted_trajectory(codistill_run, tmp_path, launcher):
@@ -192,11 +198,15 @@ def test_resume_continues_the_uninterrupted_trajectory(codistill_run, tmp_path, 
 
 
 def test_alpha_zero_matches_plain_trainer_ddp(tmp_path, launcher):
-    """With alpha = 0 each group is exactly a plain Trainer DDP run on its n ranks with seed + group index."""
+    """With alpha = 0 each group is exactly a plain Trainer DDP run on its n ranks with seed + group index.
+
+    The plain run has no `--use_cpu`: on a machine without an accelerator the arguments still make one DDP world of
+    the launched processes (else each would train alone on the whole data set, and the steps would differ)."""
     codistilled = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--codistill_alpha", "0", "--output_dir",
                                        str(tmp_path / "codistill"), "--save_strategy", "no"], tmp_path / "r_codistill")
-    plain = launcher(SCRIPT, 2, [*COMMON[:-1], "43", "--use_cpu", "--output_dir", str(tmp_path / "plain"),
+    plain = launcher(SCRIPT, 2, [*COMMON[:-1], "43", "--output_dir", str(tmp_path / "plain"),
                                  "--save_strategy", "no"], tmp_path / "r_plain")
+    assert plain[0]["group_size"] == 2
     group_1 = codistilled[2]
     assert [s["own"] for s in group_1["steps"]] == [s["own"] for s in plain[0]["steps"]]
     assert by_step(codistilled[0]["log_history"], "group_1/loss") == by_step(plain[0]["log_history"], "loss")

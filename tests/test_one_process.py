@@ -2,6 +2,7 @@
 runs."""
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -304,3 +305,60 @@ def test_evaluation_reports_each_model_the_ensemble_and_agreement(saved_run):
     assert metrics["eval_agreement_0_1"] == metrics["eval_agreement_mean"] == pytest.approx(agreement)
     assert metrics["group_0/eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6)
     assert metrics["group_1/eval_loss"] != metrics["group_0/eval_loss"]
+
+
+@pytest.mark.parametrize("architecture", ["bert", "gpt2"])
+def test_language_model_losses_are_the_models_own_under_gradient_accumulation(tmp_path, architecture):
+    """BERT's forward takes `**kwargs` but ignores `num_items_in_batch`; GPT-2's loss shifts its labels, so Trainer
+    must count one label less per row. Either way one step on 8 copies of one sequence logs each model's own loss on
+    it, and moves the weights alike whether the 8 come as one batch or as 2 accumulated batches of 4."""
+    from datasets import Dataset
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    def build(seed):
+        set_seed(seed)
+        if architecture == "bert":
+            return BertForMaskedLM(BertConfig(
+                vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            ))
+        return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    ids = list(range(3, 11))
+    labels = [token if architecture == "gpt2" or i % 2 else -100 for i, token in enumerate(ids)]
+    train = Dataset.from_list([{"input_ids": ids, "attention_mask": [1] * 8, "labels": labels}] * 8)
+    with torch.no_grad():
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                 "labels": torch.tensor([labels])}
+        expected = [build(group).eval()(**batch).loss.item() for group in (0, 1)]
+    trained = {}
+    for accumulation, batch_size in ((1, 8), (2, 4)):
+        args = codistill_args(tmp_path / str(accumulation), max_steps=1, per_device_train_batch_size=batch_size,
+                              gradient_accumulation_steps=accumulation, codistill_alpha=0, optim="sgd",
+                              learning_rate=0.5)
+        trainer = CodistillTrainer(model=[build(0), build(1)], args=args, train_dataset=train)
+        trainer.train()
+        for group in (0, 1):
+            assert by_step(trainer.state.log_history, f"group_{group}/loss")[1] == pytest.approx(expected[group],
+                                                                                                 rel=1e-5)
+        trained[accumulation] = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in trainer.models]
+    for one_batch, accumulated in zip(trained[1], trained[2]):
+        torch.testing.assert_close(accumulated, one_batch, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_gradient_checkpointing_and_tuple_outputs(tmp_path):
+    """Under label smoothing Trainer computes the loss from the labels it took out of the inputs, so a model that
+    returns a tuple puts its logits first; and Trainer asks the model holder for its config and to checkpoint."""
+    models = [vit(0), vit(1)]
+    for model in models:
+        model.forward = functools.wraps(model.forward)(
+            lambda *args, _forward=model.forward, **kwargs: _forward(*args, **kwargs).to_tuple()
+        )
+    args = codistill_args(tmp_path, max_steps=2, label_smoothing_factor=0.1, gradient_checkpointing=True,
+                          codistill_sync_every=1)
+    trainer = CodistillTrainer(model=models, args=args, train_dataset=digits_dataset(32)[0])
+    trainer.train()
+    assert all(model.is_gradient_checkpointing for model in trainer.models)
+    distill = by_step(trainer.state.log_history, "group_0/distill_loss")
+    assert len(distill) == 2 and all(math.isfinite(value) and value > 0 for value in distill.values())

@@ -1,5 +1,7 @@
 """Ensemble and agreement metrics against hand computations, as functions, `compute_metrics` and `evaluate` modules."""
 
+import json
+
 import evaluate
 import numpy as np
 import pytest
@@ -107,3 +109,21 @@ def test_peer_metrics_skip_regression_heads():
     compute = peer_compute_metrics(lambda p: {"mse": float(((p.predictions[:, 0] - p.label_ids) ** 2).mean())})
     metrics = compute(EvalPrediction(predictions=(np.zeros((4, 1)), np.ones((4, 1))), label_ids=np.zeros(4)))
     assert metrics == {"mse": 0.0, "group_0/mse": 0.0, "group_1/mse": 1.0}
+
+
+def test_peer_evaluation_gives_plain_numbers_and_keeps_predictions_only_for_compute_metrics():
+    """The metrics cross processes as JSON: numpy scalars from a user's `compute_metrics` must not reach the logs.
+    Without `compute_metrics`, nothing reads the ensemble's (examples x positions x vocabulary) predictions."""
+    generator = torch.Generator().manual_seed(0)
+    own, peer = torch.randn(2, 2, 4, 7, generator=generator)
+    labels = torch.randint(0, 7, (2, 4), generator=generator)
+    kept = PeerEvaluation(Accelerator(cpu=True), group_index=0, causal=True)
+    kept.add_batch(own, [peer], labels)
+    metrics = kept.metrics(lambda p: {"accuracy": np.float32(0.5)}, "eval")
+    assert type(metrics["eval_ensemble_accuracy"]) is float and type(metrics["eval_agreement_0_1"]) is float
+    assert json.loads(json.dumps(metrics))["eval_ensemble_accuracy"] == 0.5
+    lean = PeerEvaluation(Accelerator(cpu=True), group_index=0, causal=True, keep_predictions=False)
+    lean.add_batch(own, [peer], labels)
+    assert lean.ensemble_predictions is None and lean.labels is None
+    assert lean.metrics(None, "eval") == kept.metrics(None, "eval")
+    assert kept.ensemble_predictions.shape == (2, 4, 7)
