@@ -9,14 +9,16 @@ import math
 import os
 from collections import defaultdict
 
+import datasets
 import torch
+from datasets.distributed import split_dataset_by_node
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from .checkpointing import (
     INIT_NAME,
@@ -42,6 +44,8 @@ from .peer_forward import (
 )
 from .regularization import WeightDecaySchedule, parse_milestones
 from .topology import GroupTopology, get_topology
+
+logger = logging.get_logger(__name__)
 
 
 def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
@@ -226,11 +230,30 @@ class CodistillTrainer(Trainer):
             resume_from_checkpoint = resolve_resume_checkpoint(
                 resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups
             )
+        if self.codistilling:
+            self._split_stream_between_groups()
         resumed = resume_from_checkpoint
         if resumed is True:  # plain mode: the folder Trainer itself will pick (and complain about if there is none)
             resumed = get_last_trainer_checkpoint(self.args.output_dir)
         self._resume_checkpoint = resumed or None
         return super().train(resume_from_checkpoint, *a, **kw)
+
+    def _split_stream_between_groups(self) -> None:
+        """A data set is reshuffled per group (seed + group index), but a stream has no order to reshuffle: left
+        alone, every group would read the same examples in the same order. Each group reads its own 1/G of a
+        `datasets.IterableDataset` instead, as G x n data-parallel workers would."""
+        dataset = self.train_dataset
+        if isinstance(dataset, datasets.IterableDataset):
+            if dataset is not getattr(self, "_group_stream", None):  # not split yet (a first or a new data set)
+                self.train_dataset = self._group_stream = split_dataset_by_node(
+                    dataset, rank=self.group_index, world_size=self.num_groups
+                )
+        elif isinstance(dataset, torch.utils.data.IterableDataset):
+            logger.warning(
+                "The training set is a torch `IterableDataset`: every group will read the same stream. Give each "
+                "group its own part (e.g. by `trainer.group_index`), or pass a `datasets.IterableDataset`, which "
+                "CodistillTrainer splits between groups."
+            )
 
     def _start_codistillation(self) -> None:
         """Build the peer copies: from the checkpoint when resuming, else by a first exchange."""

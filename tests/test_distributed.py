@@ -181,6 +181,20 @@ def test_groups_agree_on_best_checkpoints_and_early_stopping(tmp_path, launcher)
     assert ranks[2]["final_params"] != ranks[2]["steps"][-1]["own"]
 
 
+def test_groups_read_their_own_part_of_a_stream(tmp_path, launcher):
+    """A stream cannot be reshuffled per group: each group reads its own half of it (a `datasets.IterableDataset` of 4
+    shards), and its two ranks their own examples of that half."""
+    ranks = launcher(SCRIPT, 4, [*COMMON[:3], "3", *COMMON[4:], *CODISTILL, "--output_dir", str(tmp_path / "out"),
+                                 "--save_strategy", "no", "--x-stream=1"], tmp_path / "results")
+    # The group's first rank reads for both (accelerate dispatches a stream's batches): 3 steps of 2 x 16 examples
+    # and one batch ahead, without repeats.
+    seen = [rank["seen"] for rank in ranks]
+    by_group = [seen[0] + seen[1], seen[2] + seen[3]]
+    assert [len(examples) for examples in by_group] == [128, 128]
+    assert all(len(set(examples)) == len(examples) for examples in by_group)
+    assert not set(by_group[0]) & set(by_group[1])
+
+
 def test_resume_continues_the_uninterrupted_trajectory(codistill_run, tmp_path, launcher):
     out, ranks = codistill_run
     resumed_out = tmp_path / "out"

@@ -9,7 +9,15 @@ import sys
 
 import torch
 from sklearn.datasets import load_digits
-from transformers import HfArgumentParser, Trainer, TrainerCallback, ViTConfig, ViTForImageClassification, set_seed
+from transformers import (
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
+    default_data_collator,
+    set_seed,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
@@ -34,6 +42,15 @@ def digits_dataset(num_train):
     pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target)
     return DigitsDataset(pixels[:num_train], labels[:num_train]), DigitsDataset(pixels[1500:], labels[1500:])
+
+
+def as_stream(data: DigitsDataset):
+    """The same examples as a `datasets.IterableDataset` of 4 shards, like `load_dataset(..., streaming=True)`."""
+    from datasets import Dataset
+
+    table = Dataset.from_dict({"pixel_values": data.pixels.numpy(), "labels": data.labels.numpy(),
+                               "index": list(range(len(data)))})
+    return table.to_iterable_dataset(num_shards=4).with_format("torch")
 
 
 def tiny_vit():
@@ -88,6 +105,10 @@ def main():
     # Options of this script are spelled `--x-name=value` so that argparse never takes them for abbreviations.
     options = dict(arg[4:].split("=", 1) for arg in extra if arg.startswith("--x-") and "=" in arg)
     train_data, eval_data = digits_dataset(int(options.get("num_train", 256)))
+    seen = []  # with --x-stream=1: an id of every training example this rank's data loader collates
+    if options.get("stream") == "1":
+        train_data = as_stream(train_data)
+        args.remove_unused_columns = False  # the collator takes the examples' `index` out
     if args.codistill:
         set_seed(args.group_seed)
         trainer_cls = CodistillTrainer
@@ -103,6 +124,14 @@ def main():
             return {"score": float(trainer.state.global_step * (1 if trainer.group_index == 0 else -1))}
 
         trainer_kwargs["compute_metrics"] = scores
+    if options.get("stream") == "1":
+        def collate(features):
+            indices = [int(feature.pop("index")) for feature in features if "index" in feature]
+            if trainer.is_in_train:  # training batches only, not the evaluation's
+                seen.extend(indices)
+            return default_data_collator(features)
+
+        trainer_kwargs["data_collator"] = collate
     trainer = trainer_cls(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, **trainer_kwargs)
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
@@ -124,6 +153,7 @@ def main():
         "steps": recorder.steps,
         "log_history": trainer.state.log_history,
         "eval": metrics,
+        "seen": seen,
     }
     with open(os.path.join(options["results"], f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
