@@ -20,6 +20,7 @@ previous peers and the peers lag one step more than with the blocking `exchange`
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -179,17 +180,23 @@ class PeerCopies:
 
     @torch.no_grad()
     def check_same_architecture(self, model: nn.Module) -> None:
-        """Fail clearly (instead of hanging or mis-copying) when the groups' models differ in shape."""
-        sizes = torch.tensor([t.numel() for t in exchanged_tensors(model).values()], dtype=torch.int64)
-        header = torch.tensor([sizes.numel(), int(sizes.sum())], dtype=torch.int64)
+        """Fail clearly (instead of hanging or mis-copying) when the groups' models differ: in their number of
+        tensors or values, or in the tensors' names, shapes or precisions (compared as a digest)."""
+        tensors = exchanged_tensors(model)
+        sizes = torch.tensor([t.numel() for t in tensors.values()], dtype=torch.int64)
+        layout = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors.items())
+        digest = int.from_bytes(hashlib.sha256(layout.encode()).digest()[:8], "big", signed=True)
+        header = torch.tensor([sizes.numel(), int(sizes.sum()), digest], dtype=torch.int64)
         gathered = [torch.empty_like(header) for _ in range(self.topology.num_groups)]
         device = next(iter(exchanged_tensors(model).values())).device
         if device.type == "cuda":
             header, gathered = header.to(device), [g.to(device) for g in gathered]
         self.topology.column.allgather([gathered], [header]).wait()
-        shapes = [tuple(g.tolist()) for g in gathered]
-        if len(set(shapes)) != 1:
-            described = ", ".join(f"group {i}: {n} tensors / {p} values" for i, (n, p) in enumerate(shapes))
+        headers = [tuple(g.tolist()) for g in gathered]
+        if len(set(headers)) != 1:
+            described = ", ".join(f"group {i}: {n} tensors / {p} values" for i, (n, p, _) in enumerate(headers))
+            if len({header[:2] for header in headers}) == 1:
+                described += " (as many, but with other names, shapes or precisions)"
             raise ValueError(
                 f"Every group must train the same architecture to exchange parameters, got {described}. Build the "
                 "model from the same config (or checkpoint) in every process."

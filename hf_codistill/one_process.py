@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -57,7 +56,7 @@ from .losses import distillation_to_peers, scored_sample, token_mask
 from .peer_forward import in_precision, is_causal_lm, logits_of, peer_logits_for_term
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
-from .trainer import CodistillTrainer, _CodistillCallback, _reload_renamed_weights
+from .trainer import CodistillTrainer, MetricSums, _CodistillCallback, _reload_renamed_weights
 
 RNG_STATE_NAME = "rng_state.pth"
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
@@ -353,7 +352,7 @@ class OneProcessCodistillTrainer(CodistillTrainer):
             self.label_names = find_labels(type(models[0]))
         self.can_return_loss = can_return_loss(type(models[0]))
         self._hub_model_ids = [self.hub_model_id] + [None] * (len(models) - 1)
-        self._step_metrics = [defaultdict(list) for _ in models]
+        self._step_metrics = [MetricSums() for _ in models]
         self._grad_norms: list[float | None] = [None] * len(models)
         self._metrics_since_step = 0
         self._init_params: list[dict[str, torch.Tensor]] | None = None
@@ -597,12 +596,14 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         """Trainer's training step for each model on its own batch; returns model 0's loss (Trainer's `loss`)."""
         batches = inputs if isinstance(inputs, list) else [inputs] * self.num_groups
         counts = num_items_in_batch if isinstance(num_items_in_batch, list) else [num_items_in_batch] * self.num_groups
-        self._shared_peer_logits = {}
         losses = []
-        for group, each in enumerate(self.models):
-            loss = Trainer.training_step(self, each, batches[group], counts[group])
-            self._step_metrics[group]["loss"].append(loss)
-            losses.append(loss)
+        try:
+            for group, each in enumerate(self.models):
+                loss = Trainer.training_step(self, each, batches[group], counts[group])
+                self._step_metrics[group].add("loss", loss)
+                losses.append(loss)
+        finally:
+            self._shared_peer_logits = {}  # the peers' whole logits: not kept through the optimizer step
         return losses[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -620,14 +621,14 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         ga_steps = self.current_gradient_accumulation_steps
         loss_is_scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
         metrics = self._step_metrics[group]
-        metrics["task_loss"].append(loss.detach() / (1 if loss_is_scaled_for_ga else ga_steps))
+        metrics.add("task_loss", loss / (1 if loss_is_scaled_for_ga else ga_steps))
         alpha = self.current_alpha()
         if alpha > 0:
             student_logits = logits_of(outputs, with_loss=self._outputs_hold_loss(labels))
             distill = self._distillation_to_peers(group, student_logits, peer_inputs, labels)
-            metrics["distill_loss"].append(distill.detach() / ga_steps)
+            metrics.add("distill_loss", distill / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
-        metrics["alpha"].append(torch.tensor(alpha))
+        metrics.add("alpha", torch.tensor(alpha))
         return (loss, outputs) if return_outputs else loss
 
     def _distillation_to_peers(self, group: int, logits: torch.Tensor, peer_inputs: dict, labels) -> torch.Tensor:
@@ -679,10 +680,8 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         logs = {}
         for group, recorded in enumerate(self._step_metrics):
             metrics = {}
-            for name, values in recorded.items():
-                total = torch.stack([v.detach().float().cpu() for v in values]).sum()
-                metrics[name] = (total / (len(values) if name == "alpha" else steps)).item()
-            recorded.clear()
+            for name, total, count in recorded.pop():
+                metrics[name] = (total / (count if name == "alpha" else steps)).item()
             if self._grad_norms[group] is not None:
                 metrics["grad_norm"] = float(self._grad_norms[group])
             if self._init_params is not None:

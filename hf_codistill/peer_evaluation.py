@@ -14,13 +14,13 @@ from transformers.trainer_pt_utils import nested_concat, nested_numpify
 from transformers.trainer_utils import denumpify_detensorize
 
 from .losses import IGNORE_INDEX
+from .peer_forward import logits_of
 from .peer_metrics import ensemble_logits, labelled_nll, top1_agreement
 
 
-def _first(outputs):
-    if isinstance(outputs, dict):
-        return outputs["logits"]
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+def _logits(outputs) -> torch.Tensor:
+    # Trainer's `prediction_step` gives logits alone, a tuple of them (logits first) or, for peers, the model output.
+    return outputs if isinstance(outputs, torch.Tensor) else logits_of(outputs)
 
 
 def _are_class_scores(logits: torch.Tensor, labels: torch.Tensor | None) -> bool:
@@ -54,8 +54,8 @@ class PeerEvaluation:
     @torch.no_grad()
     def add_batch(self, own_logits, peer_logits: list, labels: torch.Tensor | None) -> None:
         """`own_logits` from this group's model, `peer_logits` in the order of the peer groups (ascending index)."""
-        logits = [_first(peer) for peer in peer_logits]
-        logits.insert(self.group_index, _first(own_logits))
+        logits = [_logits(peer) for peer in peer_logits]
+        logits.insert(self.group_index, _logits(own_logits))
         if not _are_class_scores(logits[0], labels):
             return  # regression or multi-label heads: no class probabilities to ensemble or top-1 to compare
         ensemble = ensemble_logits(logits)

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-from collections import defaultdict
 
 import datasets
 import torch
@@ -63,6 +62,28 @@ def _reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
     saved = type(model).from_pretrained(checkpoint, config=model.config)
     with torch.no_grad():
         model.load_state_dict(saved.state_dict(), strict=False)
+
+
+class MetricSums:
+    """Per metric, the sum of the 0-d tensors recorded since the last log and their count.
+
+    Constant memory however long logging waits (`logging_strategy="no"` never asks), and no host sync until it does.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = value if name not in self.sums else self.sums[name] + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def pop(self) -> list[tuple[str, torch.Tensor, int]]:
+        """(name, sum, count) of every metric, and start afresh."""
+        popped = [(name, total, self.counts[name]) for name, total in self.sums.items()]
+        self.sums, self.counts = {}, {}
+        return popped
 
 
 class _CodistillCallback(TrainerCallback):
@@ -165,7 +186,7 @@ class CodistillTrainer(Trainer):
             # World rank 0 shows the progress bar and reports every group's metrics; other groups stay quiet.
             self.remove_callback(ProgressCallback)
             self.remove_callback(PrinterCallback)
-        self._step_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._step_metrics = MetricSums()
         self._metrics_since_step = 0
 
     def call_model_init(self, trial=None):
@@ -334,14 +355,14 @@ class CodistillTrainer(Trainer):
         # Metrics are recorded per optimizer step, i.e. divided by the accumulation steps like Trainer's `loss`.
         ga_steps = self.current_gradient_accumulation_steps
         loss_is_scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
-        self._step_metrics["task_loss"].append(loss.detach() / (1 if loss_is_scaled_for_ga else ga_steps))
+        self._step_metrics.add("task_loss", loss / (1 if loss_is_scaled_for_ga else ga_steps))
 
         alpha = self.current_alpha()
         if alpha > 0:
             distill = self._distillation_term(model, outputs, peer_inputs, labels)
-            self._step_metrics["distill_loss"].append(distill.detach() / ga_steps)
+            self._step_metrics.add("distill_loss", distill / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
-        self._step_metrics["alpha"].append(torch.tensor(alpha))
+        self._step_metrics.add("alpha", torch.tensor(alpha))
         return (loss, outputs) if return_outputs else loss
 
     def _outputs_hold_loss(self, labels) -> bool:
@@ -466,11 +487,9 @@ class CodistillTrainer(Trainer):
         steps = max(1, self.state.global_step - self._metrics_since_step)
         self._metrics_since_step = self.state.global_step
         metrics = {}
-        for name, values in self._step_metrics.items():
-            total = torch.stack([v.to(self.args.device, torch.float32) for v in values]).sum()
-            total = self.accelerator.reduce(total, reduction="mean")
-            metrics[name] = (total / steps).item() if name != "alpha" else (total / len(values)).item()
-        self._step_metrics.clear()
+        for name, total, count in self._step_metrics.pop():
+            total = self.accelerator.reduce(total.to(self.args.device), reduction="mean")
+            metrics[name] = (total / steps).item() if name != "alpha" else (total / count).item()
         if self._init_params is not None and self.args.process_index == 0:
             metrics["param_distance_from_init"] = self.parameter_distance_from_init()
         peers = self.peer_copies

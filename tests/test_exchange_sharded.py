@@ -63,3 +63,10 @@ def test_shared_initialisation_broadcasts_group_0_at_full_precision(exchanged):
     _, _, ranks = exchanged
     group_0 = next(r["own"] for r in ranks if r["group_index"] == 0)
     assert {r["broadcast"] for r in ranks} == {group_0}
+
+
+def test_models_of_another_shape_are_refused_even_with_as_many_values(exchanged):
+    _, _, ranks = exchanged
+    for rank in ranks:
+        assert "Every group must train the same architecture" in rank["transposed"]
+        assert "other names, shapes or precisions" in rank["transposed"]

@@ -77,6 +77,15 @@ def main():
     record["overlap"] = {"snapshot": snapshot, "before": before, "in_flight": in_flight, "applied": applied,
                          "after": {g: checksum(p) for g, p in peers.peers.items()},
                          "last_exchange_step": peers.last_exchange_step, "again": peers.finish_exchange()}
+    # The same number of values in another shape (the last group's weight transposed) must not be copied across.
+    peers.check_same_architecture(model)
+    if topology.group_index == topology.num_groups - 1:
+        model.linear.weight = nn.Parameter(model.linear.weight.detach().t().contiguous())
+    try:
+        peers.check_same_architecture(model)
+        record["transposed"] = "accepted"
+    except ValueError as error:
+        record["transposed"] = str(error)
     with open(os.path.join(args.results, f"rank{topology.world_rank}.json"), "w") as f:
         json.dump(record, f)
 
