@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -284,6 +285,20 @@ class CodistillTrainingArguments(TrainingArguments):
     def topology(self) -> GroupTopology | None:
         """The groups this process belongs to, or `None` when not launched on several processes."""
         return get_topology() if self.codistill else None
+
+    @property
+    def should_save(self) -> bool:
+        """Trainer's rule, per group: with `save_on_each_node`, the group's first process on each node saves.
+
+        `LOCAL_RANK` counts the processes of every group on a node, so Trainer's `local_process_index == 0` would
+        leave a group that does not start a node without any process that saves.
+        """
+        topology = self.topology
+        if topology is None or not self.save_on_each_node:
+            return super().should_save
+        node_start = topology.world_rank - int(os.environ.get("LOCAL_RANK", 0))
+        group_start = topology.group_index * topology.group_size
+        return topology.world_rank == max(node_start, group_start)
 
     @property
     def peer_torch_dtype(self) -> torch.dtype | None:

@@ -162,12 +162,13 @@ def test_checkpoint_from_another_number_of_groups_is_refused(codistill_run):
 def test_groups_agree_on_best_checkpoints_and_early_stopping(tmp_path, launcher):
     """Group 0 has a new best at every evaluation, group 1 only at the first, and group 1 alone asks to stop at step 4:
     every group saves when any has a new best and all stop together (deciding alone would hang the others). With
-    `load_best_model_at_end` each group ends on its own best weights, ViT's renamed keys included."""
+    `load_best_model_at_end` each group ends on its own best weights, ViT's renamed keys included. Under
+    `save_on_each_node`, group 1 (local ranks 2 and 3 of this one node) still saves."""
     out = tmp_path / "out"
     ranks = launcher(SCRIPT, 4, [*COMMON, *CODISTILL, "--output_dir", str(out), "--eval_strategy", "steps",
                                  "--eval_steps", "2", "--save_strategy", "best", "--metric_for_best_model", "score",
                                  "--greater_is_better", "true", "--load_best_model_at_end", "true",
-                                 "--x-stop_group_one_at=4"],
+                                 "--save_on_each_node", "true", "--x-stop_group_one_at=4"],
                      tmp_path / "results", timeout=300)
     assert [len(rank["steps"]) for rank in ranks] == [4, 4, 4, 4]
     for group in (0, 1):
