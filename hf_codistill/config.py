@@ -26,9 +26,13 @@ CODISTILL_ONLY_OPTIONS = (
 )
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+def _has_multi_process_device() -> bool:
+    """Whether accelerate can run data parallelism over devices here (not MPS, which takes one process)."""
+    from accelerate import utils
+
+    checks = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_hpu_available",
+              "is_sdaa_available", "is_neuron_available", "is_torch_xla_available")
+    return torch.cuda.is_available() or any(getattr(utils, check, lambda: False)() for check in checks)
 
 
 @dataclass
@@ -206,7 +210,8 @@ class CodistillTrainingArguments(TrainingArguments):
     def __post_init__(self):
         self._check_codistill_arguments()
         self._warn_about_options_without_effect()
-        if launched_world_size() > 1 and not _has_accelerator():
+        launched = launched_world_size() > 1 and (self.codistill or "LOCAL_RANK" in os.environ)
+        if launched and not _has_multi_process_device():
             # Without it accelerate treats a CPU-only launch as W unrelated processes: no group gets DDP, and
             # without `codistill` the all-reduce baseline becomes W separate runs writing to one `output_dir`.
             self.use_cpu = True

@@ -75,9 +75,6 @@ class CodistilledModels(nn.Module):
         # accumulation), label smoothing's checks. The models share an architecture, so model 0 speaks for all.
         self.loss_type = getattr(models[0], "loss_type", None)
         self.config = getattr(models[0], "config", None)
-        self.supports_gradient_checkpointing = all(
-            getattr(model, "supports_gradient_checkpointing", False) for model in models
-        )
 
     # Trainer's `gradient_checkpointing` (`activation_checkpointing` from transformers 5.2x on), for every model.
     def activation_checkpointing_enable(self, **kwargs):
@@ -351,6 +348,11 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         if args.label_names is None:
             self.label_names = find_labels(type(models[0]))
         self.can_return_loss = can_return_loss(type(models[0]))
+        # Trainer sets `use_cache` on its model's config, which the holder lends from model 0: give it to every model.
+        use_cache = getattr(getattr(models[0], "config", None), "use_cache", None)
+        for model in models[1:]:
+            if use_cache is not None and getattr(model, "config", None) is not None:
+                model.config.use_cache = use_cache
         self._hub_model_ids = [self.hub_model_id] + [None] * (len(models) - 1)
         self._step_metrics = [MetricSums() for _ in models]
         self._grad_norms: list[float | None] = [None] * len(models)
@@ -829,6 +831,9 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         with self._as_group(group):
             Trainer._load_from_checkpoint(self, checkpoint)
         _reload_renamed_weights(self.models[group], checkpoint)
+
+    def _split_stream_between_groups(self) -> None:
+        pass  # one process deals every batch of a stream out between its models (`split_per_model`)
 
     def _write_run_info(self, root: str | None = None) -> None:
         root = root or self.codistill_root

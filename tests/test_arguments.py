@@ -78,6 +78,16 @@ def test_an_unknown_data_set_names_the_offline_ones():
         load_image_data(ImageDataArguments(dataset_name="./no_such_set"), ModelArguments(), 0, needs_validation=True)
 
 
+def test_a_stray_world_size_leaves_a_single_process_run_alone(tmp_path, monkeypatch):
+    """`use_cpu` is forced for CPU-only launches (one DDP world), not for a `WORLD_SIZE` left in the environment
+    without a launcher's `LOCAL_RANK`, where accelerate would then ask for a rendezvous that never comes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    args = CodistillTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.use_cpu is False and not dist.is_initialized()
+
+
 def test_world_size_not_divisible_by_groups(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "6")
     monkeypatch.setenv("RANK", "0")

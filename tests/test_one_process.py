@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig,
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint, one_process
 from hf_codistill.checkpointing import PEERS_NAME, STATE_NAME
 from hf_codistill.one_process import OneProcessCodistillTrainer
-from tests.scripts.train_digits import checksum, digits_dataset
+from tests.scripts.train_digits import as_stream, checksum, digits_dataset
 
 COMMON = dict(per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True,
               seed=42, save_strategy="no", disable_tqdm=True)
@@ -157,9 +157,10 @@ def test_shared_batch_keeps_identical_models_identical(tmp_path):
     assert by_step(trainer.state.log_history, "group_1/task_loss") == by_step(trainer.state.log_history, "task_loss")
 
 
-def train_on_stream(out, num_examples, max_steps):
-    """Two models trained in one process on the first `num_examples` digits as a stream; returns the trainer and,
-    per model forward, (model, batch size, sum of the pixels)."""
+def train_on_stream(out, num_examples, max_steps, hf_stream=False):
+    """Two models trained in one process on the first `num_examples` digits as a stream (a torch `IterableDataset`,
+    or a `datasets.IterableDataset` with `hf_stream`); returns the trainer and, per model forward, (model, batch
+    size, sum of the pixels)."""
     train, _ = digits_dataset(num_examples)
 
     class Stream(torch.utils.data.IterableDataset):
@@ -167,7 +168,7 @@ def train_on_stream(out, num_examples, max_steps):
             return (train[index] for index in range(len(train)))
 
     trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(out, max_steps=max_steps),
-                               train_dataset=Stream())
+                               train_dataset=as_stream(train) if hf_stream else Stream())
     seen = []
     compute_loss = trainer.compute_loss
 
@@ -181,11 +182,14 @@ def train_on_stream(out, num_examples, max_steps):
     return trainer, seen, train
 
 
-def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path):
-    """An iterable dataset has no per-model order: every model still gets b examples per step, not b / G."""
-    _, seen, _ = train_on_stream(tmp_path, 128, max_steps=3)
+@pytest.mark.parametrize("hf_stream", [False, True], ids=["torch", "datasets"])
+def test_a_stream_deals_each_model_a_full_batch_of_its_own(tmp_path, hf_stream):
+    """An iterable dataset has no per-model order: every model still gets b examples per step, not b / G, and
+    together the models read the whole stream once (one process does not split it between groups)."""
+    _, seen, train = train_on_stream(tmp_path, 96, max_steps=3, hf_stream=hf_stream)
     assert [(model, size) for model, size, _ in seen] == [(0, 16), (1, 16)] * 3
     assert all(seen[2 * step][2] != seen[2 * step + 1][2] for step in range(3))
+    assert sum(pixels for _, _, pixels in seen) == pytest.approx(float(train.pixels.sum()), rel=1e-6)
 
 
 def test_a_stream_tail_shorter_than_the_number_of_models_goes_to_every_model(tmp_path):
@@ -338,6 +342,8 @@ def test_language_model_losses_are_the_models_own_under_gradient_accumulation(tm
                               gradient_accumulation_steps=accumulation, codistill_alpha=0, optim="sgd",
                               learning_rate=0.5)
         trainer = CodistillTrainer(model=[build(0), build(1)], args=args, train_dataset=train)
+        # Trainer sets `use_cache` on its model's config; every model gets it, not only the one the holder lends.
+        assert len({getattr(model.config, "use_cache", None) for model in trainer.models}) == 1
         trainer.train()
         for group in (0, 1):
             assert by_step(trainer.state.log_history, f"group_{group}/loss")[1] == pytest.approx(expected[group],
