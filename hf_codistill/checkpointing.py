@@ -44,6 +44,15 @@ def _complete_steps(group_root: str) -> dict[int, str]:
     return steps
 
 
+def invalidate_checkpoint(group_root: str, step: int) -> None:
+    """Unmark `checkpoint-<step>` before this run writes it. A marker left by an earlier run (one resumed from an
+    earlier step, or another run in the same `output_dir`) would vouch for a folder that Trainer rewrites in place:
+    after a crash mid-save, resuming would mix this run's files with that run's."""
+    marker = os.path.join(group_root, f"checkpoint-{step}", STATE_NAME)
+    if os.path.isfile(marker):
+        os.remove(marker)
+
+
 def read_state(checkpoint: str) -> dict:
     with open(os.path.join(checkpoint, STATE_NAME)) as f:
         return json.load(f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 
 import torch
 from transformers import TrainingArguments
@@ -218,7 +219,8 @@ class CodistillTrainingArguments(TrainingArguments):
         # The groups must exist before `TrainingArguments` sets up accelerate, which would otherwise join every
         # launched process into one data-parallel world.
         if self.codistill and launched_world_size() > 1 and get_topology() is None:
-            init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend)
+            init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend,
+                        timeout=timedelta(seconds=self.ddp_timeout))
         super().__post_init__()
 
     def _warn_about_options_without_effect(self) -> None:

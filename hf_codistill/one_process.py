@@ -45,6 +45,7 @@ from .checkpointing import (
     PEERS_NAME,
     STATE_NAME,
     group_dir,
+    invalidate_checkpoint,
     read_state,
     rotate_group_checkpoints,
     write_run_info,
@@ -838,6 +839,11 @@ class OneProcessCodistillTrainer(CodistillTrainer):
     def _write_run_info(self, root: str | None = None) -> None:
         root = root or self.codistill_root
         write_run_info(root, self.args, self.num_groups, self.group_size, one_process=True)
+
+    def _invalidate_checkpoints_of_step(self, step: int) -> None:
+        if self.args.should_save:
+            for group in range(self.num_groups):
+                invalidate_checkpoint(group_dir(self.codistill_root, group), step)
 
     def _refresh_peers(self, state, control) -> None:
         if state.global_step % self.args.codistill_sync_every == 0:

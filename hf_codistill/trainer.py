@@ -24,6 +24,7 @@ from .checkpointing import (
     PEERS_NAME,
     STATE_NAME,
     group_dir,
+    invalidate_checkpoint,
     read_state,
     resolve_resume_checkpoint,
     rotate_group_checkpoints,
@@ -101,6 +102,7 @@ class _CodistillCallback(TrainerCallback):
         self.trainer._start_codistillation()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._invalidate_checkpoints_of_step(state.global_step)
         self.trainer._refresh_peers(state, control)
 
     def on_save(self, args, state, control, **kwargs):
@@ -302,6 +304,10 @@ class CodistillTrainer(Trainer):
         if self.args.logs_param_distance:
             self._init_params = self._snapshot_parameters()
         self._write_run_info()
+
+    def _invalidate_checkpoints_of_step(self, step: int) -> None:
+        if self.args.should_save:
+            invalidate_checkpoint(self.args.output_dir, step)
 
     def _refresh_peers(self, state, control) -> None:
         """After every optimizer step: land a background exchange, and exchange every `codistill_sync_every` steps."""

@@ -186,7 +186,9 @@ def test_groups_read_their_own_part_of_a_stream(tmp_path, launcher):
     """A stream cannot be reshuffled per group: each group reads its own half of it (a `datasets.IterableDataset` of 4
     shards), and its two ranks their own examples of that half."""
     ranks = launcher(SCRIPT, 4, [*COMMON[:3], "3", *COMMON[4:], *CODISTILL, "--output_dir", str(tmp_path / "out"),
-                                 "--save_strategy", "no", "--x-stream=1"], tmp_path / "results")
+                                 "--save_strategy", "no", "--ddp_timeout", "900", "--x-stream=1"],
+                     tmp_path / "results")
+    assert [rank["timeout_s"] for rank in ranks] == [900] * 4  # `--ddp_timeout` reaches the groups and the store
     # The group's first rank reads for both (accelerate dispatches a stream's batches): 3 steps of 2 x 16 examples
     # and one batch ahead, without repeats.
     seen = [rank["seen"] for rank in ranks]

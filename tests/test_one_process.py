@@ -368,3 +368,30 @@ def test_label_smoothing_gradient_checkpointing_and_tuple_outputs(tmp_path):
     assert all(model.is_gradient_checkpointing for model in trainer.models)
     distill = by_step(trainer.state.log_history, "group_0/distill_loss")
     assert len(distill) == 2 and all(math.isfinite(value) and value > 0 for value in distill.values())
+
+
+def test_a_checkpoint_rewritten_by_a_resumed_run_is_unmarked_until_it_is_complete(tmp_path):
+    """Resumed from step 2, a run rewrites the earlier run's checkpoint-4 in place: its old marker goes before the
+    save, so a crash mid-save cannot leave a mix of both runs' files that `get_last_checkpoint` would vouch for."""
+    train, _ = digits_dataset(32)
+
+    def trainer_for():
+        args = codistill_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2,
+                              per_device_train_batch_size=8)
+        return CodistillTrainer(model=[vit(0), vit(1)], args=args, train_dataset=train)
+
+    trainer_for().train()
+    marked_when_saving = []
+
+    class Probe(TrainerCallback):  # runs after the trainer's own callback, just before Trainer saves
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            marked_when_saving.append(
+                (step, [(tmp_path / f"group_{g}" / f"checkpoint-{step}" / STATE_NAME).is_file() for g in (0, 1)])
+            )
+
+    resumed = trainer_for()
+    resumed.add_callback(Probe())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "group_0" / "checkpoint-2"))
+    assert marked_when_saving == [(3, [False, False]), (4, [False, False])]
+    assert get_last_checkpoint(str(tmp_path), num_groups=2) == 4

@@ -203,3 +203,19 @@ def test_fashion_mnist_vit(tmp_path):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.image_size == 28 and model.config.id2label[9] == "Ankle boot"
     assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 32
+
+
+def test_the_plain_baseline_resumes_from_its_last_complete_checkpoint(tmp_path):
+    """Without `--codistill` a recipe resumes like Trainer, from the newest checkpoint, but not from one cut short
+    (Trainer writes `trainer_state.json` last)."""
+    from hf_codistill import CodistillTrainingArguments
+    from hf_codistill.recipe_utils import find_resume_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "model.safetensors").write_bytes(b"")
+        if complete:
+            (checkpoint / "trainer_state.json").write_text("{}")
+    args = CodistillTrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none", use_cpu=True)
+    assert find_resume_checkpoint(args) == str(tmp_path / "checkpoint-4")

@@ -154,6 +154,7 @@ def main():
         "log_history": trainer.state.log_history,
         "eval": metrics,
         "seen": seen,
+        "timeout_s": trainer.topology.timeout.total_seconds() if getattr(trainer, "topology", None) else None,
     }
     with open(os.path.join(options["results"], f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
