@@ -1,11 +1,27 @@
-"""Workarounds for transformers behaviour that would silently change what a run trains, each with its reason."""
+"""Workarounds for transformers behaviour that would silently change what a run trains (or what its model card says),
+each with its reason."""
 
 from __future__ import annotations
 
 import inspect
+import os
 
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+_SCRATCH_AS_FINE_TUNED = "This model is a fine-tuned version of [](https://huggingface.co/) on "
+
+
+def say_trained_from_scratch(card_path: str) -> None:
+    """Trainer's card calls a model whose config names no source (`_name_or_path == ""`, as the recipes leave models
+    built from a config) "a fine-tuned version of []": only `None` reads as trained from scratch there."""
+    if not os.path.isfile(card_path):
+        return
+    with open(card_path, encoding="utf-8") as f:
+        card = f.read()
+    if _SCRATCH_AS_FINE_TUNED in card:
+        with open(card_path, "w", encoding="utf-8") as f:
+            f.write(card.replace(_SCRATCH_AS_FINE_TUNED, "This model was trained from scratch on "))
 
 
 def align_loss_accounting(model: nn.Module) -> None:

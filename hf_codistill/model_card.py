@@ -19,6 +19,17 @@ def peer_names(own_name: str, group_index: int, num_groups: int) -> list[str]:
     return [f"group_{j}" for j in range(num_groups) if j != group_index]
 
 
+def group_log_history(log_history: list[dict], group: int) -> list[dict]:
+    """One process's shared log history as model `group`'s own: its `group_<g>/` values under the plain keys (which
+    hold model 0's), the other models' prefixed values dropped, the shared ones (ensemble, agreement) kept."""
+    prefix = f"group_{group}/"
+    return [
+        {**{key: value for key, value in entry.items() if not key.startswith("group_")},
+         **{key[len(prefix):]: value for key, value in entry.items() if key.startswith(prefix)}}
+        for entry in log_history
+    ]
+
+
 def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
     """This group's metrics from the latest evaluation in the log history (not the other groups' copies)."""
     for entry in reversed(log_history):

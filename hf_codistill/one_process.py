@@ -54,6 +54,7 @@ from .compat import align_loss_accounting
 from .config import CodistillTrainingArguments
 from .exchange import exchanged_tensors, frozen_copy
 from .losses import distillation_to_peers, scored_sample, token_mask
+from .model_card import group_log_history
 from .peer_forward import in_precision, is_causal_lm, logits_of, peer_logits_for_term
 from .peer_metrics import peer_compute_metrics
 from .topology import get_topology, launched_world_size
@@ -794,14 +795,20 @@ class OneProcessCodistillTrainer(CodistillTrainer):
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Each model's card (`README.md` in its group folder), with the distributed mode's codistillation section."""
-        if self._active_group is not None:
-            return CodistillTrainer.create_model_card(self, *args, **kwargs)
-        for group in range(self.num_groups):
-            with self._as_group(group):
-                # Trainer makes its output folder at start-up; a group's folder exists only once something is saved
-                # (`--do_eval` without `--do_train` saves nothing).
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                CodistillTrainer.create_model_card(self, *args, **kwargs)
+        # Trainer's own `push_to_hub` for one model (see `push_to_hub`) asks for that model's card only.
+        groups = [self._active_group] if self._active_group is not None else range(self.num_groups)
+        shared_history = self.state.log_history
+        try:
+            for group in groups:
+                # Trainer's summary and the codistillation section read the log history: model g's own values.
+                self.state.log_history = group_log_history(shared_history, group)
+                with self._as_group(group):
+                    # Trainer makes its output folder at start-up; a group's folder exists only once something is
+                    # saved (`--do_eval` without `--do_train` saves nothing).
+                    os.makedirs(self.args.output_dir, exist_ok=True)
+                    CodistillTrainer.create_model_card(self, *args, **kwargs)
+        finally:
+            self.state.log_history = shared_history
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Private Trainer hook (5.18-5.24): each model's optimizer.pt / scheduler.pt in its own checkpoint folder.

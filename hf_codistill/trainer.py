@@ -30,7 +30,7 @@ from .checkpointing import (
     rotate_group_checkpoints,
     write_run_info,
 )
-from .compat import align_loss_accounting
+from .compat import align_loss_accounting, say_trained_from_scratch
 from .config import CodistillTrainingArguments
 from .exchange import PeerCopies
 from .losses import distillation_to_peers, scored_sample, token_mask
@@ -533,13 +533,17 @@ class CodistillTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """Trainer's card, tagged `codistillation`, plus a section with G, k, alpha, the peers and the ensemble."""
         if not self.codistilling:
-            return super().create_model_card(*args, **kwargs)
+            super().create_model_card(*args, **kwargs)
+            if self.is_world_process_zero():
+                say_trained_from_scratch(os.path.join(self.args.output_dir, "README.md"))
+            return
         tags = kwargs.get("tags") or []
         tags = [tags] if isinstance(tags, str) else list(tags)
         kwargs["tags"] = tags + (["codistillation"] if "codistillation" not in tags else [])
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
+        say_trained_from_scratch(os.path.join(self.args.output_dir, "README.md"))
         own_name = (getattr(self, "hub_model_id", None) or self.args.hub_model_id
                     or os.path.basename(self.args.output_dir))
         section = codistillation_section(

@@ -395,3 +395,21 @@ def test_a_checkpoint_rewritten_by_a_resumed_run_is_unmarked_until_it_is_complet
     resumed.train(resume_from_checkpoint=str(tmp_path / "group_0" / "checkpoint-2"))
     assert marked_when_saving == [(3, [False, False]), (4, [False, False])]
     assert get_last_checkpoint(str(tmp_path), num_groups=2) == 4
+
+
+def test_each_model_card_reports_its_own_model(tmp_path):
+    """One process logs model 0's metrics under the plain keys: model 1's card must read `group_1/...` instead; and
+    models built from a config are "trained from scratch", not "a fine-tuned version of []"."""
+    train, val = digits_dataset(32)
+    trainer = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path, max_steps=2), train_dataset=train,
+                               eval_dataset=val, compute_metrics=accuracy)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["group_0/eval_loss"] != metrics["group_1/eval_loss"]
+    trainer.create_model_card()
+    for group in (0, 1):
+        card = (tmp_path / f"group_{group}" / "README.md").read_text()
+        own = card.split("### This model's evaluation")[1].split("###")[0]
+        assert f"| eval_loss | {metrics[f'group_{group}/eval_loss']:.4g} |" in own
+        assert f"| eval_accuracy | {metrics[f'group_{group}/eval_accuracy']:.4g} |" in own
+        assert "trained from scratch" in card and "fine-tuned version of []" not in card
