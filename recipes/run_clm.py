@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_codistill import CodistillTrainer  # noqa: E402
@@ -33,6 +33,7 @@ from hf_codistill.recipe_utils import (  # noqa: E402
 )
 from hf_codistill.text_pipeline import (  # noqa: E402
     build_language_model,
+    causal_lm_collator,
     load_text_data,
     load_tokenizer,
     prepare_lm_datasets,
@@ -60,7 +61,7 @@ def main():
     text_column = text_column_of(raw, data_args)
 
     tokenizer = load_tokenizer(model_args, default=gpt2_bpe_tokenizer)
-    if tokenizer.pad_token is None:  # GPT-2 has none; padded positions carry no label, so any id will do
+    if tokenizer.pad_token is None:  # GPT-2 has none; only `--line_by_line` pads (and then ignores end-of-text)
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.model_name_or_path is None and model_args.config_name is None:
         logger.info("No model given: training a small GPT-2 from scratch (see `--config_overrides`).")
@@ -78,7 +79,7 @@ def main():
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=causal_lm_collator(tokenizer, data_args.line_by_line),
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
