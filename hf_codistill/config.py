@@ -234,6 +234,13 @@ class CodistillTrainingArguments(TrainingArguments):
                     f"{', '.join(f'`{name}`' for name in ignored)} only act on codistilled models and are ignored "
                     "without `codistill=True` (`--codistill`): this trains one all-reduce model."
                 )
+        scheduler = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        if self.codistill_weight_decay_schedule == "follow_lr" and scheduler in ("constant", "constant_with_warmup"):
+            logger.warning(
+                f"`codistill_weight_decay_schedule='follow_lr'` scales weight decay like the learning rate, which "
+                f"`lr_scheduler_type={scheduler!r}` keeps constant: pick a decaying schedule (linear, cosine) or "
+                "`codistill_weight_decay_schedule='step'`."
+            )
         if self.codistill_weight_decay_schedule != "constant" and self.weight_decay == 0:
             logger.warning(
                 f"`codistill_weight_decay_schedule={self.codistill_weight_decay_schedule!r}` scales weight decay, but "

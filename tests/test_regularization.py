@@ -27,15 +27,16 @@ def test_unknown_schedule_names_the_choices(tmp_path):
 
 
 def _train(tmp_path, schedule, max_steps=8, resume=False, **extra):
-    args = CodistillTrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path), use_cpu=True, max_steps=max_steps, per_device_train_batch_size=16,
         learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=2, logging_steps=1,
         report_to=[], save_strategy="steps", save_steps=5, seed=7, codistill_weight_decay_schedule=schedule,
-        codistill_weight_decay_milestones="0.5,0.75", **extra,
+        codistill_weight_decay_milestones="0.5,0.75",
     )
+    args = CodistillTrainingArguments(**{**settings, **extra})
     torch.manual_seed(7)
-    train, _ = digits_dataset(128)
-    trainer = CodistillTrainer(model=tiny_vit(), args=args, train_dataset=train)
+    train, val = digits_dataset(128)
+    trainer = CodistillTrainer(model=tiny_vit(), args=args, train_dataset=train, eval_dataset=val)
     trainer.train(resume_from_checkpoint=resume or None)
     logged = {entry["step"]: entry["weight_decay"] for entry in trainer.state.log_history if "weight_decay" in entry}
     return trainer, logged
@@ -58,6 +59,16 @@ def test_follow_lr_schedule_tracks_the_learning_rate_after_warmup(tmp_path):
     assert logged[1] == logged[2] == pytest.approx(0.1)  # warm-up: full weight decay
     # Linear decay after 2 warm-up steps of 8: step s (from 1) runs at lr = peak x (9 - s) / 6.
     assert [logged[s] for s in range(3, 9)] == pytest.approx([0.1 * (9 - s) / 6 for s in range(3, 9)])
+
+
+def test_follow_lr_schedule_follows_a_plateau_schedule_too(tmp_path):
+    """`reduce_lr_on_plateau` records no `initial_lr`: the LR at the first step stands for the peak."""
+    trainer, logged = _train(tmp_path, "follow_lr", lr_scheduler_type="reduce_lr_on_plateau", warmup_steps=0,
+                             eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=64,
+                             lr_scheduler_kwargs={"patience": 0, "threshold": 1.0}, save_strategy="no")
+    rates = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry}
+    assert min(rates.values()) < 1e-3  # the plateau schedule did cut the LR
+    assert logged == pytest.approx({step: 0.1 * rate / 1e-3 for step, rate in rates.items()})
 
 
 def test_parameter_distance_can_be_logged_without_codistillation(tmp_path):
