@@ -46,7 +46,8 @@ def test_options_that_would_do_nothing_are_named(tmp_path):
         make_args(tmp_path, codistill_weight_decay_schedule="step")
     assert "`weight_decay` is 0" in captured.out and "--weight_decay" in captured.out
     with CaptureLogger(config.logger) as captured:
-        make_args(tmp_path, codistill_weight_decay_schedule="follow_lr", weight_decay=0.1, lr_scheduler_type="constant")
+        make_args(tmp_path, codistill_weight_decay_schedule="follow_lr", weight_decay=0.1,
+                  lr_scheduler_type="constant")
     assert "keeps constant" in captured.out and "'step'" in captured.out
     with CaptureLogger(config.logger) as captured:
         make_args(tmp_path, codistill_weight_decay_schedule="step", weight_decay=0.1,
