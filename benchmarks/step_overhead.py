@@ -205,6 +205,7 @@ def measure(case: str, mode: str, args) -> dict:
     sys.path.insert(0, REPO)
     from hf_codistill import CodistillTrainer, CodistillTrainingArguments
     from hf_codistill.exchange import frozen_copy
+    from hf_codistill.trainer import MetricSums
 
     cuda = args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
@@ -226,7 +227,7 @@ def measure(case: str, mode: str, args) -> dict:
         # The codistillation branch of `compute_loss`, with this process's one peer standing for the other group.
         trainer.codistilling = True
         trainer.peer_copies = _OnePeer([peer])
-        trainer._step_metrics = defaultdict(list)
+        trainer._step_metrics = MetricSums()
     batches = [make_inputs() for _ in range(4)]
     if cuda:
         torch.cuda.synchronize()
@@ -237,7 +238,7 @@ def measure(case: str, mode: str, args) -> dict:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if mode == "codistill":
-            trainer._step_metrics.clear()  # Trainer's log() would pop them
+            trainer._step_metrics.pop()  # Trainer's log() would
 
     times = []
     for i in range(args.warmup + args.steps):
