@@ -10,7 +10,8 @@
                 codistill_state.json            written last, once every group has written step N
 
 A step N is resumable only when every group's `checkpoint-N` holds `codistill_state.json`; checkpoints are rotated
-only after that, so a crash while saving never leaves groups without a common step to resume from.
+only after that, so a crash while saving never leaves groups without a common step to resume from. A run unmarks the
+checkpoints past the step it starts from (another trajectory's), so it never resumes from them.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def _complete_steps(group_root: str) -> dict[int, str]:
     return steps
 
 
-def invalidate_checkpoint(group_root: str, step: int) -> None:
-    """Unmark `checkpoint-<step>` before this run writes it. A marker left by an earlier run (one resumed from an
-    earlier step, or another run in the same `output_dir`) would vouch for a folder that Trainer rewrites in place:
-    after a crash mid-save, resuming would mix this run's files with that run's."""
-    marker = os.path.join(group_root, f"checkpoint-{step}", STATE_NAME)
-    if os.path.isfile(marker):
-        os.remove(marker)
+def invalidate_checkpoints_after(group_root: str, step: int) -> None:
+    """Unmark the checkpoints past `step`, where a run starts (or resumes). They belong to an earlier trajectory
+    (a run resumed from an earlier step, or another run in the same `output_dir`): resuming from one would continue
+    that one, and Trainer rewrites their folders in place when this run reaches their step, so after a crash mid-save
+    the marker would vouch for a mix of both runs' files. Rotation removes them once older than a complete one."""
+    for later, path in _complete_steps(group_root).items():
+        if later > step:
+            os.remove(os.path.join(path, STATE_NAME))
 
 
 def read_state(checkpoint: str) -> dict:
@@ -111,16 +113,32 @@ def _check_num_groups(written_with: int, num_groups: int, what: str) -> None:
 
 
 def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep: str | None = None) -> None:
-    """Keep the newest `save_total_limit` complete checkpoints (and `keep`, the best one); drop the rest."""
+    """Keep the newest `save_total_limit` complete checkpoints (and `keep`, the best one); drop the rest, and the
+    incomplete ones older than the newest complete one (an earlier run's, unmarked by `invalidate_checkpoints_after`
+    and never rewritten, or cut short by a crash): nothing would resume from them."""
     if not save_total_limit:
         return
     steps = _complete_steps(group_root)
+    if steps:
+        for name in os.listdir(group_root):
+            match = _CHECKPOINT_RE.match(name)
+            if match and int(match.group(1)) < max(steps) and int(match.group(1)) not in steps:
+                shutil.rmtree(os.path.join(group_root, name), ignore_errors=True)
     doomed = sorted(steps)[:-save_total_limit]
     for step in doomed:
         path = steps[step]
         if keep is not None and os.path.abspath(path) == os.path.abspath(keep):
             continue
         shutil.rmtree(path, ignore_errors=True)
+
+
+def save_file_atomically(tensors: dict, path: str) -> None:
+    """`safetensors.torch.save_file`, but a crash mid-write leaves no truncated file under `path`."""
+    from safetensors.torch import save_file
+
+    partial = f"{path}.partial"
+    save_file(tensors, partial)
+    os.replace(partial, path)
 
 
 def write_run_info(root: str, args, num_groups: int, group_size: int, **extra) -> None:

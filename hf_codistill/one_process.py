@@ -45,7 +45,7 @@ from .checkpointing import (
     PEERS_NAME,
     STATE_NAME,
     group_dir,
-    invalidate_checkpoint,
+    invalidate_checkpoints_after,
     read_state,
     rotate_group_checkpoints,
     write_run_info,
@@ -847,10 +847,10 @@ class OneProcessCodistillTrainer(CodistillTrainer):
         root = root or self.codistill_root
         write_run_info(root, self.args, self.num_groups, self.group_size, one_process=True)
 
-    def _invalidate_checkpoints_of_step(self, step: int) -> None:
+    def _invalidate_checkpoints_after(self, step: int) -> None:
         if self.args.should_save:
             for group in range(self.num_groups):
-                invalidate_checkpoint(group_dir(self.codistill_root, group), step)
+                invalidate_checkpoints_after(group_dir(self.codistill_root, group), step)
 
     def _refresh_peers(self, state, control) -> None:
         if state.global_step % self.args.codistill_sync_every == 0:

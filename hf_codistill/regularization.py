@@ -64,11 +64,9 @@ class WeightDecaySchedule(TrainerCallback):
             base = group.setdefault("base_weight_decay", group.get("weight_decay", 0.0))
             if base <= 0:
                 continue
-            lr_ratio = 1.0
-            if not warming_up:
-                # The LR at the end of the warm-up: the scheduler's `initial_lr` for LambdaLR schedules, else (e.g.
-                # `reduce_lr_on_plateau`, which records none) the first LR seen, kept with the optimizer state.
-                peak = group.setdefault("peak_lr", group.get("initial_lr", group["lr"]))
-                lr_ratio = 1.0 if peak <= 0 else min(1.0, group["lr"] / peak)
+            # The peak LR: the scheduler's `initial_lr` for LambdaLR schedules, else (`reduce_lr_on_plateau`, which
+            # records none and ignores warm-up) the first LR seen; kept with the optimizer state for resumed runs.
+            peak = group.setdefault("peak_lr", group.get("initial_lr", group["lr"]))
+            lr_ratio = 1.0 if warming_up or peak <= 0 else min(1.0, group["lr"] / peak)
             group["weight_decay"] = base * weight_decay_factor(self.schedule, progress, self.milestones, lr_ratio)
             self.current = group["weight_decay"]

@@ -24,10 +24,11 @@ from .checkpointing import (
     PEERS_NAME,
     STATE_NAME,
     group_dir,
-    invalidate_checkpoint,
+    invalidate_checkpoints_after,
     read_state,
     resolve_resume_checkpoint,
     rotate_group_checkpoints,
+    save_file_atomically,
     write_run_info,
 )
 from .compat import align_loss_accounting, say_trained_from_scratch
@@ -100,9 +101,9 @@ class _CodistillCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._start_codistillation()
+        self.trainer._invalidate_checkpoints_after(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._invalidate_checkpoints_of_step(state.global_step)
         self.trainer._refresh_peers(state, control)
 
     def on_save(self, args, state, control, **kwargs):
@@ -131,7 +132,8 @@ class _ParameterDistanceCallback(TrainerCallback):
         if args.should_save:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(checkpoint, exist_ok=True)
-            save_file(self.trainer._init_params, os.path.join(checkpoint, INIT_NAME))
+            # After Trainer's own files (no completion marker without codistillation): all or nothing.
+            save_file_atomically(self.trainer._init_params, os.path.join(checkpoint, INIT_NAME))
 
 
 class CodistillTrainer(Trainer):
@@ -305,9 +307,11 @@ class CodistillTrainer(Trainer):
             self._init_params = self._snapshot_parameters()
         self._write_run_info()
 
-    def _invalidate_checkpoints_of_step(self, step: int) -> None:
+    def _invalidate_checkpoints_after(self, step: int) -> None:
+        # Every process has chosen its checkpoint (reading every group's markers) before any marker goes.
+        self.topology.barrier("resume-chosen")
         if self.args.should_save:
-            invalidate_checkpoint(self.args.output_dir, step)
+            invalidate_checkpoints_after(self.args.output_dir, step)
 
     def _refresh_peers(self, state, control) -> None:
         """After every optimizer step: land a background exchange, and exchange every `codistill_sync_every` steps."""

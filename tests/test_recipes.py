@@ -250,3 +250,9 @@ def test_shakespeare_speeches_go_on_after_a_stage_direction():
     assert speech.endswith("Hippolyta, I woo'd thee with my sword,\nAnd won thy love, doing thee injuries;\n"
                            "But I will wed thee in another key,\nWith pomp, with triumph and with revelling.")
     assert all("_" not in text and not text.startswith("#") for _, text in dream)
+    # Not theirs: what follows a bare `_Exeunt_` (an epilogue), titles, and Edward III's `*Sound a horn.*` directions.
+    lancaster = [text for speaker, text, play in zip(train["speaker"], train["text"], train["play"])
+                 if play == "henry-iv-part-2" and speaker == "LANCASTER"]
+    assert lancaster[-1].endswith("Come, will you hence?")
+    lines = [line for text in train["text"] for line in text.splitlines()]
+    assert not [line for line in lines if line.startswith(("*", "EPILOGUE", "SCENE "))]
