@@ -17,9 +17,13 @@ checkpoints past the step it starts from (another trajectory's), so it never res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
+
+logger = logging.getLogger(__name__)
 
 GROUP_DIR = "group_{}"
 STATE_NAME = "codistill_state.json"
@@ -50,9 +54,14 @@ def invalidate_checkpoints_after(group_root: str, step: int) -> None:
     (a run resumed from an earlier step, or another run in the same `output_dir`): resuming from one would continue
     that one, and Trainer rewrites their folders in place when this run reaches their step, so after a crash mid-save
     the marker would vouch for a mix of both runs' files. Rotation removes them once older than a complete one."""
-    for later, path in _complete_steps(group_root).items():
+    unmarked = []
+    for later, path in sorted(_complete_steps(group_root).items()):
         if later > step:
             os.remove(os.path.join(path, STATE_NAME))
+            unmarked.append(later)
+    if unmarked:
+        logger.warning(f"{group_root}: checkpoints of steps {unmarked} are past this run's start (step {step}); they "
+                       "belong to another run and will not be resumed from (their files stay until rotation).")
 
 
 def read_state(checkpoint: str) -> dict:
@@ -122,6 +131,7 @@ def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep
     if steps:
         for name in os.listdir(group_root):
             match = _CHECKPOINT_RE.match(name)
+            # `keep` too: an incomplete "best" is another trajectory's, which `load_best_model_at_end` must not load.
             if match and int(match.group(1)) < max(steps) and int(match.group(1)) not in steps:
                 shutil.rmtree(os.path.join(group_root, name), ignore_errors=True)
     doomed = sorted(steps)[:-save_total_limit]
@@ -136,9 +146,14 @@ def save_file_atomically(tensors: dict, path: str) -> None:
     """`safetensors.torch.save_file`, but a crash mid-write leaves no truncated file under `path`."""
     from safetensors.torch import save_file
 
-    partial = f"{path}.partial"
-    save_file(tensors, partial)
-    os.replace(partial, path)
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
+    os.close(handle)
+    try:
+        save_file(tensors, partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def write_run_info(root: str, args, num_groups: int, group_size: int, **extra) -> None:

@@ -91,6 +91,7 @@ _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _STAGE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*|_[^_]+_|(?<!\*)\*[^*]+\*(?!\*)")
 # The speaker leaves: what follows is not theirs.
 _BARE_EXIT = re.compile(r"^_*\\?\[?(Exit|Exeunt|Dies)\]?\.?_*$")
+_SPOKEN_BY = re.compile(r"^SPOKEN BY ([A-Z][A-Z' ]+)$")
 _TITLE_WORDS = {"ACT", "SCENE", "PROLOGUE", "EPILOGUE", "INDUCTION", "SONG", "CHORUS", "SPOKEN"}
 
 
@@ -128,6 +129,15 @@ def _speeches(markdown: str):
             speaker, parts = None, []
         if start is not None:
             speaker, parts = _SPEAKER.match(lines[start].strip()).group(1).strip(), [_verse(lines[start + 1:])]
+        elif ends_speech and _is_heading(lines[0]):
+            # `EPILOGUE` / `SPOKEN BY PROSPERO` above the verse, in the block itself (The Tempest).
+            titles = 0
+            while titles < len(lines) and _is_heading(lines[titles]):
+                titles += 1
+            spoken_by = next((_SPOKEN_BY.match(line.strip()) for line in lines[:titles]
+                              if _SPOKEN_BY.match(line.strip())), None)
+            if spoken_by is not None:
+                speaker, parts = spoken_by.group(1).strip(), [_verse(lines[titles:])]
         elif not ends_speech and speaker is not None:
             parts.append(_verse(lines))
     if speaker is not None and any(parts):
@@ -141,7 +151,9 @@ def _is_heading(line: str) -> bool:
     words = re.sub(r"[^A-Za-z']", " ", line).split()
     if line.startswith("#") or (words and words[0].upper() in _TITLE_WORDS and words[0].isupper()):
         return True
-    return sum(len(word) for word in words) >= 4 and all(word.isupper() for word in words)
+    # All capitals, and more than an exclamation ("O, O, O, O!", "NO, NO, NO!" are verse).
+    return len({word for word in words}) > 1 and sum(len(word) for word in words) >= 4 and all(
+        word.isupper() for word in words)
 
 
 def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_PLAYS) -> DatasetDict:

@@ -46,8 +46,10 @@ def main():
     model_args, data_args, training_args = parse_recipe_args(ModelArguments, TextDataArguments)
     setup_logging(training_args)
 
+    finetuned_from = model_args.model_name_or_path
     if model_args.model_name_or_path is None and model_args.config_name is None:
         model_args.model_name_or_path = str(minilm_path())
+        finetuned_from = MINILM_HUB_ID  # the card names the Hub model, not this machine's copy of it
         logger.info("No model given: continuing the pre-training of all-MiniLM-L6-v2 "
                     f"({model_args.model_name_or_path})")
     raw, data_description = load_text_data(data_args, model_args, training_args.seed)
@@ -83,9 +85,6 @@ def main():
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
     train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []), perplexity=True)
-    finetuned_from = model_args.model_name_or_path
-    if finetuned_from == str(minilm_path()):
-        finetuned_from = MINILM_HUB_ID  # the card names the Hub model, not this machine's copy of it
     publish(trainer, training_args, finetuned_from=finetuned_from, tasks="fill-mask",
             dataset=data_description, tags=["fill-mask"])
 

@@ -246,7 +246,8 @@ def test_shakespeare_speeches_go_on_after_a_stage_direction():
     follows names no speaker but is still his (6.6% of the verse was dropped when such blocks were skipped)."""
     from hf_codistill.data import load_shakespeare
 
-    train = load_shakespeare()["train"]
+    plays = load_shakespeare()
+    train = plays["train"]
     dream = [(speaker, text) for speaker, text, play in zip(train["speaker"], train["text"], train["play"])
              if play == "a-midsummer-night-s-dream"]
     speaker, speech = next((speaker, text) for speaker, text in dream if text.startswith("Go, Philostrate,"))
@@ -260,3 +261,6 @@ def test_shakespeare_speeches_go_on_after_a_stage_direction():
     assert lancaster[-1].endswith("Come, will you hence?")
     lines = [line for text in train["text"] for line in text.splitlines()]
     assert not [line for line in lines if line.startswith(("*", "EPILOGUE", "SCENE "))]
+    # Titles above the verse in the block itself: `EPILOGUE` / `SPOKEN BY PROSPERO` (The Tempest, validation).
+    tempest = plays["validation"].filter(lambda row: row["play"] == "the-tempest")
+    assert tempest[-1]["speaker"] == "PROSPERO" and tempest[-1]["text"].startswith("Now my charms are all o'erthrown")
