@@ -27,6 +27,14 @@ CODISTILL_ONLY_OPTIONS = (
 )
 
 
+def launched_without_devices(codistill: bool) -> bool:
+    """Whether a launcher started this process among others on a machine without a device that accelerate can run
+    data parallelism on, so that `use_cpu` is needed for one gloo world. A `WORLD_SIZE` left in the environment
+    without the launcher's `LOCAL_RANK` is not a launch (codistillation then says how to launch)."""
+    launched = launched_world_size() > 1 and (codistill or "LOCAL_RANK" in os.environ)
+    return launched and not _has_multi_process_device()
+
+
 def _has_multi_process_device() -> bool:
     """Whether accelerate can run data parallelism over devices here (not MPS, which takes one process)."""
     from accelerate import utils
@@ -211,8 +219,7 @@ class CodistillTrainingArguments(TrainingArguments):
     def __post_init__(self):
         self._check_codistill_arguments()
         self._warn_about_options_without_effect()
-        launched = launched_world_size() > 1 and (self.codistill or "LOCAL_RANK" in os.environ)
-        if launched and not _has_multi_process_device():
+        if launched_without_devices(self.codistill):
             # Without it accelerate treats a CPU-only launch as W unrelated processes: no group gets DDP, and
             # without `codistill` the all-reduce baseline becomes W separate runs writing to one `output_dir`.
             self.use_cpu = True

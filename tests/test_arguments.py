@@ -82,14 +82,21 @@ def test_an_unknown_data_set_names_the_offline_ones():
         load_image_data(ImageDataArguments(dataset_name="./no_such_set"), ModelArguments(), 0, needs_validation=True)
 
 
-def test_a_stray_world_size_leaves_a_single_process_run_alone(tmp_path, monkeypatch):
-    """`use_cpu` is forced for CPU-only launches (one DDP world), not for a `WORLD_SIZE` left in the environment
-    without a launcher's `LOCAL_RANK`, where accelerate would then ask for a rendezvous that never comes."""
+@pytest.mark.skipif(torch.cuda.is_available(), reason="decides for machines without a multi-process device")
+def test_use_cpu_is_forced_for_launches_only(monkeypatch):
+    """`use_cpu` is forced for CPU-only launches (one DDP world, with or without codistillation), not for a
+    `WORLD_SIZE` left in the environment without a launcher's `LOCAL_RANK`, where accelerate would then wait for a
+    rendezvous that never comes. (The launched case itself runs in `test_alpha_zero_matches_plain_trainer_ddp`.)"""
+    from hf_codistill.config import launched_without_devices
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("RANK", raising=False)
-    args = CodistillTrainingArguments(output_dir=str(tmp_path), report_to="none")
-    assert args.use_cpu is False and not dist.is_initialized()
+    assert not launched_without_devices(codistill=False)
+    assert launched_without_devices(codistill=True)  # codistillation then names the missing `RANK`
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_without_devices(codistill=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched_without_devices(codistill=True)
 
 
 def test_world_size_not_divisible_by_groups(tmp_path, monkeypatch):
