@@ -64,6 +64,17 @@ RNG_STATE_NAME = "rng_state.pth"
 _UNSUPPORTED_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 
 
+def _on_every_model(method: str):
+    """A `CodistilledModels` method that calls `method` of every model with the same arguments."""
+
+    def call(self, *args, **kwargs):
+        for model in self.models:
+            getattr(model, method)(*args, **kwargs)
+
+    call.__name__ = method
+    return call
+
+
 class CodistilledModels(nn.Module):
     """The models as one module, so Trainer places and zeroes them together; each model runs on its own."""
 
@@ -79,21 +90,10 @@ class CodistilledModels(nn.Module):
         self.config = getattr(models[0], "config", None)
 
     # Trainer's `gradient_checkpointing` (`activation_checkpointing` from transformers 5.2x on), for every model.
-    def activation_checkpointing_enable(self, **kwargs):
-        for model in self.models:
-            model.activation_checkpointing_enable(**kwargs)
-
-    def activation_checkpointing_disable(self):
-        for model in self.models:
-            model.activation_checkpointing_disable()
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        for model in self.models:
-            model.gradient_checkpointing_enable(**kwargs)
-
-    def gradient_checkpointing_disable(self):
-        for model in self.models:
-            model.gradient_checkpointing_disable()
+    activation_checkpointing_enable = _on_every_model("activation_checkpointing_enable")
+    activation_checkpointing_disable = _on_every_model("activation_checkpointing_disable")
+    gradient_checkpointing_enable = _on_every_model("gradient_checkpointing_enable")
+    gradient_checkpointing_disable = _on_every_model("gradient_checkpointing_disable")
 
     @property
     def accepts_loss_kwargs(self) -> bool:
