@@ -37,16 +37,17 @@ def group_dir(root: str, group: int) -> str:
     return os.path.join(root, GROUP_DIR.format(group))
 
 
-def _complete_steps(group_root: str) -> dict[int, str]:
-    if not os.path.isdir(group_root):
+def checkpoint_folders(root: str) -> dict[int, str]:
+    """Every `checkpoint-<N>` folder under `root`, complete or not, by step."""
+    if not os.path.isdir(root):
         return {}
-    steps = {}
-    for name in os.listdir(group_root):
-        match = _CHECKPOINT_RE.match(name)
-        path = os.path.join(group_root, name)
-        if match and os.path.isfile(os.path.join(path, STATE_NAME)):
-            steps[int(match.group(1))] = path
-    return steps
+    matches = ((_CHECKPOINT_RE.match(name), name) for name in os.listdir(root))
+    return {int(match.group(1)): os.path.join(root, name) for match, name in matches if match}
+
+
+def _complete_steps(group_root: str) -> dict[int, str]:
+    return {step: path for step, path in checkpoint_folders(group_root).items()
+            if os.path.isfile(os.path.join(path, STATE_NAME))}
 
 
 def invalidate_checkpoints_after(group_root: str, step: int) -> None:
@@ -129,11 +130,10 @@ def rotate_group_checkpoints(group_root: str, save_total_limit: int | None, keep
         return
     steps = _complete_steps(group_root)
     if steps:
-        for name in os.listdir(group_root):
-            match = _CHECKPOINT_RE.match(name)
+        for step, path in checkpoint_folders(group_root).items():
             # `keep` too: an incomplete "best" is another trajectory's, which `load_best_model_at_end` must not load.
-            if match and int(match.group(1)) < max(steps) and int(match.group(1)) not in steps:
-                shutil.rmtree(os.path.join(group_root, name), ignore_errors=True)
+            if step < max(steps) and step not in steps:
+                shutil.rmtree(path, ignore_errors=True)
     doomed = sorted(steps)[:-save_total_limit]
     for step in doomed:
         path = steps[step]

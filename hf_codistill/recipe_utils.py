@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 
 import datasets
@@ -14,9 +13,8 @@ import numpy as np
 import transformers
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 
-from .checkpointing import get_last_checkpoint, group_dir
+from .checkpointing import checkpoint_folders, get_last_checkpoint, group_dir
 from .config import CodistillTrainingArguments
 from .metrics import metric_path
 from .topology import launched_world_size
@@ -74,14 +72,6 @@ def build_models(training_args: CodistillTrainingArguments, build):
     return build()
 
 
-def _previous_checkpoint(checkpoint: str) -> str | None:
-    root, name = os.path.split(checkpoint)
-    step = int(name.split("-")[1])
-    earlier = [int(entry.split("-")[1]) for entry in os.listdir(root)
-               if re.fullmatch(r"checkpoint-\d+", entry) and int(entry.split("-")[1]) < step]
-    return os.path.join(root, f"checkpoint-{max(earlier)}") if earlier else None
-
-
 def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | None:
     """The checkpoint to resume from: `--resume_from_checkpoint`, else the last complete one in `output_dir`."""
     if training_args.resume_from_checkpoint is not None:
@@ -93,11 +83,10 @@ def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | N
         step = get_last_checkpoint(root, training_args.num_groups)
         checkpoint = os.path.join(group_dir(root, 0), f"checkpoint-{step}") if step is not None else None
     else:
-        checkpoint = get_last_trainer_checkpoint(root)
         # Trainer writes `trainer_state.json` last: a checkpoint without it was cut short, resume from the one before.
-        while checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
-            logger.warning(f"{checkpoint} is incomplete (no {TRAINER_STATE_NAME}); it is skipped for resuming.")
-            checkpoint = _previous_checkpoint(checkpoint)
+        complete = [path for _, path in sorted(checkpoint_folders(root).items())
+                    if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))]
+        checkpoint = complete[-1] if complete else None
     if checkpoint is not None:
         logger.info(f"Checkpoint detected, resuming training at {checkpoint}. "
                     "Use a new `--output_dir` to start afresh.")
