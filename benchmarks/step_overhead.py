@@ -100,13 +100,16 @@ def build_case(case: str, size: str, device, batch_size: int | None = None):
 
 
 class _OnePeer:
-    """Stands in for `PeerCopies` in one process: the peer models, without an exchange."""
+    """Stands in for `PeerCopies` in one process: group 0's one peer, held in `dtype`, without an exchange."""
 
-    def __init__(self, peers):
-        self.peers = dict(enumerate(peers, start=1))
+    def __init__(self, peer, dtype):
+        self.peer, self.dtype = peer, dtype
 
-    def models(self):
-        return list(self.peers.values())
+    def peers_of(self, group):
+        return {1: self.peer}
+
+    def counters(self):
+        return {}
 
 
 class _PhasePeaks:
@@ -180,8 +183,10 @@ def peak_by_phase(trainer, batch, step, cuda: bool) -> dict:
                 tracker.enter(previous)
         return wrapped
 
-    patched = [(trainer, "compute_loss", "forward"), (trainer, "_distillation_term", "distillation"),
-               (trainer.accelerator, "backward", "backward"), (trainer.optimizer, "step", "optimizer")]
+    patched = [(trainer, "compute_loss", "forward"), (trainer.accelerator, "backward", "backward"),
+               (trainer.optimizer, "step", "optimizer")]
+    if trainer.engine is not None:
+        patched.append((trainer.engine, "distillation_term", "distillation"))
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
     for owner, name, phase in patched:
         setattr(owner, name, entering(phase, getattr(owner, name)))
@@ -204,8 +209,9 @@ def measure(case: str, mode: str, args) -> dict:
 
     sys.path.insert(0, REPO)
     from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+    from hf_codistill.engine import CodistillEngine
     from hf_codistill.exchange import frozen_copy
-    from hf_codistill.trainer import MetricSums
+    from hf_codistill.step_metrics import MetricSums
 
     cuda = args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
@@ -224,10 +230,12 @@ def measure(case: str, mode: str, args) -> dict:
     if mode == "codistill":
         set_seed(1)
         peer = frozen_copy(make_model(), training_args.peer_torch_dtype).to(model.device)
-        # The codistillation branch of `compute_loss`, with this process's one peer standing for the other group.
-        trainer.codistilling = True
-        trainer.peer_copies = _OnePeer([peer])
-        trainer._step_metrics = MetricSums()
+        # The codistillation branch of `compute_loss`: the engine of group 0, with this process's one peer standing
+        # for the other group's.
+        trainer.engine = CodistillEngine(training_args, driver=None, autocast=trainer.accelerator.autocast)
+        trainer.engine.models = {0: model}
+        trainer.engine.peers = _OnePeer(peer, training_args.peer_torch_dtype)
+        trainer.engine.step_metrics = {0: MetricSums()}
     batches = [make_inputs() for _ in range(4)]
     if cuda:
         torch.cuda.synchronize()
@@ -238,7 +246,7 @@ def measure(case: str, mode: str, args) -> dict:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         if mode == "codistill":
-            trainer._step_metrics.pop()  # Trainer's log() would
+            trainer.engine.pop_metrics(trainer.state.global_step)  # Trainer's log() would
 
     times = []
     for i in range(args.warmup + args.steps):

@@ -4,6 +4,7 @@ from .checkpointing import get_last_checkpoint
 from .config import CodistillTrainingArguments
 from .losses import distillation_loss
 from .metrics import metric_path
+from .one_process import OneProcessCodistillTrainer  # registers itself as the trainer of a list of models
 from .peer_metrics import ensemble_logits, peer_compute_metrics, top1_agreement
 from .topology import GroupTopology, get_topology, init_groups
 from .trainer import CodistillTrainer
@@ -12,6 +13,7 @@ __all__ = [
     "CodistillTrainer",
     "CodistillTrainingArguments",
     "GroupTopology",
+    "OneProcessCodistillTrainer",
     "distillation_loss",
     "ensemble_logits",
     "get_last_checkpoint",

@@ -65,6 +65,22 @@ def invalidate_checkpoints_after(group_root: str, step: int) -> None:
                        "belong to another run and will not be resumed from (their files stay until rotation).")
 
 
+def sibling_checkpoint(checkpoint: str, group: int) -> str:
+    """The same step's checkpoint of another group: `root/group_0/checkpoint-N` -> `root/group_<g>/checkpoint-N`."""
+    checkpoint = os.path.normpath(checkpoint)
+    root = os.path.dirname(os.path.dirname(checkpoint))
+    return os.path.join(group_dir(root, group), os.path.basename(checkpoint))
+
+
+def mark_complete(checkpoint: str, state: dict) -> None:
+    """Write the checkpoint's `codistill_state.json` (atomically: a crash leaves no partial marker). Call it once the
+    step's files are written in every group: from then on the step is resumable."""
+    tmp = os.path.join(checkpoint, STATE_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, os.path.join(checkpoint, STATE_NAME))
+
+
 def read_state(checkpoint: str) -> dict:
     with open(os.path.join(checkpoint, STATE_NAME)) as f:
         return json.load(f)

@@ -1,13 +1,62 @@
-"""Workarounds for transformers behaviour that would silently change what a run trains (or what its model card says),
-each with its reason."""
+"""Where hf_codistill depends on transformers' internals: the private `Trainer` hooks it overrides or calls, and
+workarounds for behaviour that would silently change what a run trains (or what its model card says), each with its
+reason."""
 
 from __future__ import annotations
 
 import inspect
 import os
 
+import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+# The transformers versions on which every hook below was checked (`tests/test_compat.py` checks that they exist with
+# the parameters used here; pyproject.toml pins the range).
+CHECKED_TRANSFORMERS = ("5.18", "5.24")
+
+# Private `Trainer` methods hf_codistill overrides or calls: name -> (the parameters it relies on, who, why).
+PRIVATE_TRAINER_HOOKS = {
+    "_determine_best_metric": (
+        ("metrics", "trial"), "CodistillTrainer", "groups agree on saving the best checkpoint and on early stopping"),
+    "_set_signature_columns_if_needed": (
+        (), "one process", "keep the input columns any of the models takes (the holder's `forward` names none)"),
+    "_get_dataloader": (
+        ("dataset", "description", "batch_size", "sampler_fn", "is_training"), "one process",
+        "a training loader of G batches per step, each model's from its own order"),
+    "_get_num_items_in_batch": (
+        ("batch_samples", "device"), "one process", "count each model's labels the way its loss normalises by them"),
+    "_clip_grad_norm": (("model",), "one process", "clip each model's gradients on its own"),
+    "_get_grad_norm": (("model", "grad_norm"), "one process", "report each model's gradient norm without clipping"),
+    "_track_num_input_tokens": (("inputs",), "one process", "count model 0's tokens, as group 0 does when launched"),
+    "_save_optimizer_and_scheduler": (
+        ("output_dir",), "one process", "each model's optimizer and scheduler in its own folder"),
+    "_load_optimizer_and_scheduler": (
+        ("checkpoint",), "one process", "the counterpart of `_save_optimizer_and_scheduler`"),
+    "_load_from_checkpoint": (
+        ("resume_from_checkpoint", "model"), "one process", "each model's weights from its own group's checkpoint"),
+    "_load_best_model": ((), "one process", "`load_best_model_at_end` for every model"),
+}
+
+
+def reload_renamed_weights(model: nn.Module, checkpoint: str) -> None:
+    """Reload a checkpoint's weights through `from_pretrained`, which applies the model's key renaming.
+
+    Trainer's resume loads the raw state dict; for models whose saved names differ from their module names (ViT in
+    transformers 5.2x) it silently keeps the current weights, and resumed runs drift off their trajectory.
+    """
+    weights = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+    if not isinstance(model, PreTrainedModel) or not os.path.isfile(weights):
+        return
+    with safe_open(weights, framework="pt") as saved_file:
+        if set(saved_file.keys()) <= set(model.state_dict()):
+            return  # nothing renamed: the raw state dict loaded every weight
+    saved = type(model).from_pretrained(checkpoint, config=model.config)
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict(), strict=False)
 
 _SCRATCH_AS_FINE_TUNED = "This model is a fine-tuned version of [](https://huggingface.co/) on "
 

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .docstrings import help_from_docstring, parse_parameters
 from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
 
@@ -17,14 +18,10 @@ logger = logging.get_logger(__name__)
 
 DISTILLATION_LOSSES = ("kl", "ce", "mse")
 PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Options that only act on codistilled groups (the weight-decay schedule and the parameter distance also serve the
-# all-reduce baseline).
-CODISTILL_ONLY_OPTIONS = (
-    "num_groups", "codistill_alpha", "codistill_loss", "codistill_temperature", "codistill_sync_every",
-    "codistill_burn_in_steps", "codistill_alpha_warmup_steps", "codistill_shared_init", "codistill_shared_batch",
-    "codistill_peer_metrics", "codistill_sharded_exchange", "codistill_overlap_exchange", "codistill_peer_dtype",
-    "codistill_position_fraction",
-)
+# The docstring sections of `CodistillTrainingArguments` whose options act only on codistilled groups, and those whose
+# options also serve the all-reduce baseline. `CODISTILL_ONLY_OPTIONS` is derived from them below the class.
+_CODISTILL_ONLY_SECTIONS = ("Parameters that control codistillation", "Parameters that control the peer exchange")
+_BASELINE_SECTIONS = ("Parameters that account for codistillation's regularisation",)
 
 
 def launched_without_devices(codistill: bool) -> bool:
@@ -44,6 +41,7 @@ def _has_multi_process_device() -> bool:
     return torch.cuda.is_available() or any(getattr(utils, check, lambda: False)() for check in checks)
 
 
+@help_from_docstring
 @dataclass
 class CodistillTrainingArguments(TrainingArguments):
     r"""
@@ -55,22 +53,27 @@ class CodistillTrainingArguments(TrainingArguments):
     (Anil et al. 2018; Sodhani et al. 2021). Group `g` runs with seed `seed + g`, writes to `output_dir/group_<g>`
     and, with `push_to_hub`, pushes to `<hub_model_id>-group-<g>`.
 
+    Each entry below is also the option's `--help` text. The options under "Parameters that control codistillation"
+    (other than `codistill` itself) and "Parameters that control the peer exchange" act only with `codistill=True`.
+
     Parameters that control codistillation:
         codistill (`bool`, *optional*, defaults to `False`):
-            Train `num_groups` codistilled models. With `False` the trainer behaves exactly as `Trainer`.
+            Train `num_groups` codistilled models. With `False` the trainer behaves exactly as `Trainer` (one
+            all-reduce model).
         num_groups (`int`, *optional*, defaults to `2`):
             Number of models (groups) G. The number of launched processes must be a multiple of it.
         codistill_alpha (`float`, *optional*, defaults to `1.0`):
-            Weight of the distillation term. Zhang et al. (2018) and Sodhani et al. (2021) use 1.0; `0` trains
+            Weight of the distillation term (>= 0). Zhang et al. (2018) and Sodhani et al. (2021) use 1.0; `0` trains
             independent models (the no-sharing control).
         codistill_loss (`str`, *optional*, defaults to `"kl"`):
             Distance between a model's predictions and its peers': `"kl"` (KL divergence to the peer's softened
             distribution, scaled by T²), `"ce"` (soft cross-entropy, same gradient as `"kl"`) or `"mse"` (mean
             squared error between logits, for regression-like heads).
         codistill_temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature T of `"kl"` and `"ce"`. Higher values transfer more of the peers' "dark knowledge".
+            Softmax temperature T (> 0) of `"kl"` and `"ce"`. Higher values transfer more of the peers' "dark
+            knowledge".
         codistill_sync_every (`int`, *optional*, defaults to `50`):
-            k, the number of optimizer steps between two exchanges of peer parameters. Anil et al. exchanged every 50
+            Optimizer steps between two exchanges of peer parameters, k (>= 1). Anil et al. exchanged every 50
             updates; Sodhani et al. found 0.5x-4x of 2500 updates equally good on ImageNet. 50 keeps the cross-group
             traffic at 1/50 of a model per step (about 1% of an all-reduce, which moves ~2 models per step) while
             keeping peers fresh in the short runs of fine-tuning. Raise it for long runs on slow links.
@@ -79,28 +82,28 @@ class CodistillTrainingArguments(TrainingArguments):
         codistill_alpha_warmup_steps (`int`, *optional*, defaults to `0`):
             Steps over which alpha ramps linearly from 0 to `codistill_alpha` after the burn-in.
         codistill_shared_init (`bool`, *optional*):
-            Start every group from group 0's weights. Left unset, groups share the initialisation when the model was
-            loaded with `from_pretrained` and start from different random weights (seed + group index) when it was
+            Start every group from group 0's weights. Unset: groups share the initialisation when the model was
+            loaded with `from_pretrained`, and start from different random weights (seed + group index) when it was
             built from a config or by `model_init`. "Loaded" is read from the model's `name_or_path`, which a model
-            built with `from_config` inherits from a config loaded with `AutoConfig.from_pretrained`: set it
+            built with `from_config` inherits from a config loaded with `AutoConfig.from_pretrained`: set the option
             explicitly there (the recipes clear that path for models trained from scratch). On the command line it
             takes a value: `--codistill_shared_init true` or `false`.
-        codistill_log_param_distance (`bool`, *optional*):
-            Log each model's L2 distance from its initial parameters as `param_distance_from_init` (Sodhani et al.'s
-            Fig. 1c diagnostic of over-regularization). Keeps one copy of the initial parameters in CPU memory and in
-            each checkpoint. Left unset: on with `codistill`, off without; set it to compare an all-reduce run. On
-            the command line it takes a value: `--codistill_log_param_distance true`.
         codistill_shared_batch (`bool`, *optional*, defaults to `False`):
             With a list of models in one process: every model trains on the same batch each step (as in Deep Mutual
-            Learning) instead of its own shuffling order (seed + model index), which is what groups see when launched.
+            Learning) instead of its own shuffling order (seed + model index), which is what launched groups see.
         codistill_peer_metrics (`bool`, *optional*, defaults to `True`):
             At every evaluation, also score the ensemble of all G current models (mean of their probabilities) with
             `compute_metrics`, its loss, and the models' top-1 agreement (`eval_ensemble_*`, `eval_agreement_*`;
             Anil et al.'s churn is 1 - agreement). Costs one parameter exchange into temporary copies and G-1 peer
             forwards per evaluation batch; the stale peers used in training are not touched.
 
-    Parameters that account for codistillation's regularisation (they apply with or without `codistill`, so the
-    all-reduce baseline can use the same schedule):
+    Parameters that account for codistillation's regularisation (they apply with or without `codistill`, so that an
+    all-reduce baseline can use the same schedule and diagnostic):
+        codistill_log_param_distance (`bool`, *optional*):
+            Log each model's L2 distance from its initial parameters as `param_distance_from_init` (Sodhani et al.'s
+            Fig. 1c diagnostic of over-regularization). Keeps one copy of the initial parameters in CPU memory and in
+            each checkpoint. Unset: on with `codistill`, off without; set it to compare an all-reduce run. On the
+            command line it takes a value: `--codistill_log_param_distance true`.
         codistill_weight_decay_schedule (`str`, *optional*, defaults to `"constant"`):
             `"constant"`, `"step"` (weight decay / 10 at the first milestone, 0 at the second: Sodhani et al.'s fix,
             ResNet-50 1e-4 -> 1e-5 -> 0, which closed a ~2% top-1 gap to all-reduce) or `"follow_lr"` (weight decay
@@ -137,84 +140,27 @@ class CodistillTrainingArguments(TrainingArguments):
             label per example ignore it.
     """
 
-    codistill: bool = field(
-        default=False,
-        metadata={"help": "Train `num_groups` codistilled models instead of one all-reduce model."},
-    )
-    num_groups: int = field(
-        default=2,
-        metadata={"help": "Number of codistilled models (groups). The number of processes must be a multiple of it."},
-    )
-    codistill_alpha: float = field(default=1.0, metadata={"help": "Weight of the distillation term (>= 0)."})
-    codistill_loss: str = field(
-        default="kl",
-        metadata={"help": "Distillation distance.", "choices": list(DISTILLATION_LOSSES)},
-    )
-    codistill_temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature of the `kl` and `ce` distillation losses (> 0)."}
-    )
-    codistill_sync_every: int = field(
-        default=50,
-        metadata={"help": "Optimizer steps between two exchanges of peer parameters (k >= 1)."},
-    )
-    codistill_burn_in_steps: int = field(
-        default=0, metadata={"help": "Steps at the start of training with alpha = 0."}
-    )
-    codistill_alpha_warmup_steps: int = field(
-        default=0, metadata={"help": "Steps over which alpha ramps linearly up after the burn-in."}
-    )
-    codistill_shared_init: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Start every group from group 0's weights (`true`/`false`). Unset: shared for pre-trained "
-            "models, different random initialisations for models built from a config."
-        },
-    )
-    codistill_log_param_distance: bool | None = field(
-        default=None,
-        metadata={"help": "Log each model's L2 distance from its initial parameters (`true`/`false`; default: with "
-                  "--codistill)."},
-    )
-    codistill_shared_batch: bool = field(
-        default=False,
-        metadata={"help": "One-process mode: give every model the same batch each step instead of its own "
-                  "shuffling order."},
-    )
-    codistill_peer_metrics: bool = field(
-        default=True,
-        metadata={"help": "At evaluation, also score the ensemble of all groups' current models and their agreement."},
-    )
+    # Each field's `help` is its entry in the docstring above (`help_from_docstring`).
+    codistill: bool = False
+    num_groups: int = 2
+    codistill_alpha: float = 1.0
+    codistill_loss: str = field(default="kl", metadata={"choices": list(DISTILLATION_LOSSES)})
+    codistill_temperature: float = 1.0
+    codistill_sync_every: int = 50
+    codistill_burn_in_steps: int = 0
+    codistill_alpha_warmup_steps: int = 0
+    codistill_shared_init: bool | None = None
+    codistill_shared_batch: bool = False
+    codistill_peer_metrics: bool = True
+    codistill_log_param_distance: bool | None = None
     codistill_weight_decay_schedule: str = field(
-        default="constant",
-        metadata={"help": "Weight decay over training: `constant`, `step` (/10 then 0 at the milestones) or "
-                  "`follow_lr` (scaled like the learning rate).", "choices": list(WEIGHT_DECAY_SCHEDULES)},
+        default="constant", metadata={"choices": list(WEIGHT_DECAY_SCHEDULES)}
     )
-    codistill_weight_decay_milestones: str = field(
-        default="0.5,0.75",
-        metadata={"help": "Fractions of training where the `step` schedule divides weight decay by 10, then sets 0."},
-    )
-    codistill_sharded_exchange: bool = field(
-        default=True,
-        metadata={
-            "help": "Fetch 1/n of each peer model per rank across groups and all-gather the rest inside the group "
-            "(groups of n > 1 ranks)."
-        },
-    )
-    codistill_overlap_exchange: bool = field(
-        default=False,
-        metadata={"help": "Overlap each peer exchange with the next training step; peers lag one step more."},
-    )
-    codistill_peer_dtype: str | None = field(
-        default=None,
-        metadata={"help": "Precision of the peer copies and their exchange (`bfloat16` halves memory and bytes); "
-                  "default: the model's.", "choices": list(PEER_DTYPES)},
-    )
-
-    codistill_position_fraction: float = field(
-        default=1.0,
-        metadata={"help": "Language models: fraction of positions (drawn at random each step, labelled ones first) "
-                  "that the distillation term scores; the peers' output head runs only there."},
-    )
+    codistill_weight_decay_milestones: str = "0.5,0.75"
+    codistill_sharded_exchange: bool = True
+    codistill_overlap_exchange: bool = False
+    codistill_peer_dtype: str | None = field(default=None, metadata={"choices": list(PEER_DTYPES)})
+    codistill_position_fraction: float = 1.0
 
     def __post_init__(self):
         self._check_codistill_arguments()
@@ -341,3 +287,18 @@ class CodistillTrainingArguments(TrainingArguments):
     def group_seed(self) -> int:
         """The seed of this process's group: recipes seed model creation with it so groups start apart."""
         return self.seed + self.group_index
+
+
+def _codistill_only_options() -> tuple[str, ...]:
+    """The options that act only with `codistill=True`, in field order: those documented in a codistill-only section
+    of the docstring, less the switch `codistill` itself."""
+    documented = parse_parameters(CodistillTrainingArguments.__doc__)
+    unknown = {entry.section for entry in documented.values()} - {*_CODISTILL_ONLY_SECTIONS, *_BASELINE_SECTIONS}
+    if unknown:
+        raise ValueError(f"Say whether the options of docstring sections {sorted(unknown)} act only with `codistill`.")
+    return tuple(f.name for f in fields(CodistillTrainingArguments) if f.name != "codistill"
+                 and f.name in documented and documented[f.name].section in _CODISTILL_ONLY_SECTIONS)
+
+
+# Options that only act on codistilled groups: `__post_init__` warns when one is set without `codistill`.
+CODISTILL_ONLY_OPTIONS = _codistill_only_options()

@@ -15,6 +15,18 @@ bfloat16) the copies are held in it and the floating-point tensors travel in it,
 An exchange can also run in the background (`start_exchange` / `finish_exchange`): the cross-group all-gather is
 started at step s on a snapshot of the parameters and applied at the next step boundary, so step s+1 still uses the
 previous peers and the peers lag one step more than with the blocking `exchange`.
+
+`PeerCopies` (launched groups) and `LocalPeers` (all models in one process) are the two *peer sets* the
+codistillation engine (`hf_codistill.engine`) works with. A peer set answers:
+
+    peers_of(group)             {peer group: model} that `group`'s model distils from
+    dtype                       precision the peers run in (None: the models' own)
+    check_compatible()          refuse peers that cannot be exchanged (collective)
+    share_initialisation()      start every model from group 0's weights
+    refresh(step, background)   bring the peers up to date (every k steps)
+    finish()                    land a refresh still in flight
+    state_dict(group) / load_state_dict(state)          the peers as a checkpoint holds them
+    counters() / checkpoint_state() / load_checkpoint_state(state)   what is logged and resumed
 """
 
 from __future__ import annotations
@@ -86,6 +98,8 @@ class PeerCopies:
 
     def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True,
                  dtype: torch.dtype | None = None):
+        self.model = model
+        self.dtype = dtype
         self.topology = topology
         self.sharded = sharded and topology.group_size > 1
         self.peers: dict[int, nn.Module] = {
@@ -100,6 +114,41 @@ class PeerCopies:
 
     def models(self) -> list[nn.Module]:
         return [self.peers[group] for group in sorted(self.peers)]
+
+    # ---- The peer-set interface (see the module docstring) ----------------------------------------------------
+
+    def peers_of(self, group: int) -> dict[int, nn.Module]:
+        return {peer: self.peers[peer] for peer in sorted(self.peers)}
+
+    def check_compatible(self) -> None:
+        self.check_same_architecture(self.model)
+
+    def share_initialisation(self) -> None:
+        self.broadcast_model(self.model, source_group=0)
+
+    def refresh(self, step: int, background: bool = False) -> None:
+        """Exchange now, or start the cross-group part in the background (landed by `finish`)."""
+        if background:
+            self.start_exchange(self.model, step)
+        else:
+            self.exchange(self.model, step)
+
+    def finish(self) -> None:
+        self.finish_exchange()
+
+    def counters(self) -> dict[str, int]:
+        return {"peer_exchanges": self.num_exchanges, "peer_exchange_bytes_sent": self.bytes_sent,
+                "peer_exchange_bytes_received": self.bytes_received}
+
+    def checkpoint_state(self) -> dict[str, int | None]:
+        return {"last_exchange_step": self.last_exchange_step, "num_exchanges": self.num_exchanges,
+                "exchange_bytes_sent": self.bytes_sent, "exchange_bytes_received": self.bytes_received}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.last_exchange_step = state["last_exchange_step"]
+        self.num_exchanges = state["num_exchanges"]
+        self.bytes_sent = state["exchange_bytes_sent"]
+        self.bytes_received = state["exchange_bytes_received"]
 
     @torch.no_grad()
     def exchange(self, model: nn.Module, step: int) -> None:
@@ -217,18 +266,95 @@ class PeerCopies:
                 own[name].copy_(flat[offset : offset + own[name].numel()].view_as(own[name]))
                 offset += own[name].numel()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, group: int | None = None) -> dict[str, torch.Tensor]:
+        """Every peer copy, as `group_<j>.<name>` (this rank holds one group's peers: `group` is that group)."""
         if self._pending is not None:
             # Finishing here would be a collective on the one rank that saves; the caller finishes on every rank.
             raise RuntimeError("An exchange is in flight: call `finish_exchange()` on every rank before saving peers.")
-        state = {}
-        for group, peer in self.peers.items():
-            for name, tensor in exchanged_tensors(peer).items():
-                state[f"group_{group}.{name}"] = tensor.detach().cpu().clone()
-        return state
+        return _peers_state(self.peers)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for group, peer in self.peers.items():
-                for name, tensor in exchanged_tensors(peer).items():
-                    tensor.copy_(state[f"group_{group}.{name}"])
+        _load_peers_state(self.peers, state, strict=True)
+
+
+class LocalPeers:
+    """The peer set of G models trained in one process: frozen copies (in `dtype` if given) of every model, refreshed
+    by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision."""
+
+    def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None):
+        self.models = models
+        self.live = live
+        self.dtype = None if live else dtype
+        self.copies = None if live else [frozen_copy(models[group], dtype) for group in sorted(models)]
+        self.last_exchange_step: int | None = None
+        self.num_exchanges = 0
+
+    def model(self, group: int) -> nn.Module:
+        return self.models[group] if self.live else self.copies[group]
+
+    def peers_of(self, group: int) -> dict[int, nn.Module]:
+        return {peer: self.model(peer) for peer in sorted(self.models) if peer != group}
+
+    def check_compatible(self) -> None:
+        pass  # peers in one process may differ in architecture; their outputs are checked by the loss
+
+    def share_initialisation(self) -> None:
+        reference = self.models[0].state_dict()
+        shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
+        for group, model in self.models.items():
+            if {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} != shapes:
+                raise ValueError(
+                    f"`codistill_shared_init` starts every model from model 0's weights, but model {group} has "
+                    "another architecture; set `codistill_shared_init=False` for peers that differ in architecture or "
+                    "size."
+                )
+            if group != 0:
+                with torch.no_grad():
+                    model.load_state_dict(reference)
+
+    @torch.no_grad()
+    def refresh(self, step: int, background: bool = False) -> None:
+        if not self.live:
+            for group, model in self.models.items():
+                targets, sources = exchanged_tensors(self.copies[group]), exchanged_tensors(model)
+                for target, source in zip(targets.values(), sources.values()):
+                    target.copy_(source)
+        self.last_exchange_step = step
+        self.num_exchanges += 1
+
+    def finish(self) -> None:
+        pass  # copies are refreshed in place: nothing is ever in flight
+
+    def counters(self) -> dict[str, int]:
+        return {"peer_exchanges": self.num_exchanges}
+
+    def checkpoint_state(self) -> dict[str, int | None]:
+        return {"last_exchange_step": self.last_exchange_step, "num_exchanges": self.num_exchanges,
+                "exchange_bytes_sent": 0, "exchange_bytes_received": 0}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.last_exchange_step = state["last_exchange_step"]
+        self.num_exchanges = state["num_exchanges"]
+
+    def state_dict(self, group: int) -> dict[str, torch.Tensor]:
+        """Group `group`'s peers as a launched group stores them (`group_<j>.<name>`, j != group)."""
+        return _peers_state(self.peers_of(group))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the copies a checkpoint holds (one model's checkpoint holds all copies but its own)."""
+        if not self.live:
+            _load_peers_state(dict(enumerate(self.copies)), state, strict=False)
+
+
+def _peers_state(peers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"group_{group}.{name}": tensor.detach().cpu().clone()
+            for group, peer in peers.items() for name, tensor in exchanged_tensors(peer).items()}
+
+
+@torch.no_grad()
+def _load_peers_state(peers: dict[int, nn.Module], state: dict[str, torch.Tensor], strict: bool) -> None:
+    for group, peer in peers.items():
+        for name, tensor in exchanged_tensors(peer).items():
+            key = f"group_{group}.{name}"
+            if strict or key in state:
+                tensor.copy_(state[key])

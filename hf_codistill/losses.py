@@ -11,7 +11,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def scored_positions(labels: torch.Tensor | None, shift_labels: bool) -> torch.Tensor | None:
+def label_mask(labels: torch.Tensor | None, shift_labels: bool) -> torch.Tensor | None:
     """(batch, positions) mask of the positions whose prediction is scored; None for one label per example.
 
     For causal LMs (`shift_labels=True`) position t predicts label t+1, as in the model's own loss, and the last
@@ -33,7 +33,7 @@ def select_labelled_positions(
     image classification (one label per example) every example counts. Without labels every position counts (but
     the last, for causal LMs). One gather from the model's logits: no shifted or flattened copy first.
     """
-    mask = scored_positions(labels, shift_labels) if labels is not None and labels.shape == logits.shape[:-1] else None
+    mask = label_mask(labels, shift_labels) if labels is not None and labels.shape == logits.shape[:-1] else None
     if mask is not None:
         return logits.reshape(-1, logits.shape[-1])[mask.reshape(-1)]
     if shift_labels:
@@ -120,38 +120,34 @@ def labels_per_token(student_logits: torch.Tensor, labels: torch.Tensor | None) 
     return labels is not None and labels.dim() == 2 and labels.shape == student_logits.shape[:-1]
 
 
-def token_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool) -> torch.Tensor | None:
+def flat_label_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool) -> torch.Tensor | None:
     """The (batch x positions,) mask of a language model's scored positions, flattened; None for one label per
     example (classifiers) or no labels."""
     if not labels_per_token(student_logits, labels):
         return None
-    return scored_positions(labels, shift_labels=causal_lm).reshape(-1)
+    return label_mask(labels, shift_labels=causal_lm).reshape(-1)
 
 
-def whole_sequence_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool):
+def causal_lm_mask(student_logits: torch.Tensor, labels: torch.Tensor | None, causal_lm: bool):
     """The (positions,) mask with which a causal LM's logits are scored whole, or None where positions are gathered.
 
     A causal LM labels nearly every position: scoring them all and masking the few without a label avoids copies of
     the (positions x vocabulary) logits and, on GPU, the host sync of a boolean index.
     """
-    return token_mask(student_logits, labels, causal_lm) if causal_lm else None
+    return flat_label_mask(student_logits, labels, causal_lm) if causal_lm else None
 
 
-def sample_positions(mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """ceil(fraction x positions) distinct positions drawn at random, labelled (`mask`) ones first.
+def sample_positions(mask: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """ceil(fraction x positions) distinct positions of a language model's flattened `mask` (`flat_label_mask`),
+    drawn at random, labelled ones first; None to score them all (`fraction` 1, or no mask: one label per example).
 
     A count fixed by the shape, not by how many positions carry a label: selecting them needs no host sync.
     """
+    if mask is None or fraction >= 1.0:
+        return None
     count = max(1, math.ceil(fraction * mask.numel()))
     scores = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, -1.0)
     return scores.topk(count, sorted=False).indices
-
-
-def scored_sample(scored: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
-    """`sample_positions` of a language model's scored positions (`token_mask`), or None to score them all."""
-    if scored is None or fraction >= 1.0:
-        return None
-    return sample_positions(scored, fraction)
 
 
 def distillation_to_peers(
@@ -172,13 +168,13 @@ def distillation_to_peers(
     the flattened batch x positions) scores only those, the unlabelled ones among them masked.
     """
     if positions is not None:
-        scored = token_mask(student_logits, labels, causal_lm)
+        scored = flat_label_mask(student_logits, labels, causal_lm)
         if scored is None:
             raise ValueError("Sampled `positions` need a label per position (a language model's labels).")
         mask = scored.index_select(0, positions)
         student = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, positions)
     else:
-        mask = whole_sequence_mask(student_logits, labels, causal_lm)
+        mask = causal_lm_mask(student_logits, labels, causal_lm)
         student = (student_logits.reshape(-1, student_logits.shape[-1]) if mask is not None
                    else select_labelled_positions(student_logits, labels, shift_labels=causal_lm))
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .losses import labels_per_token, scored_positions, select_labelled_positions
+from .losses import label_mask, labels_per_token, select_labelled_positions
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -53,7 +53,7 @@ def peer_logits_for_term(peer: nn.Module, inputs: dict, student_logits: torch.Te
                          causal_lm: bool, positions: torch.Tensor | None,
                          context: Callable[[], AbstractContextManager]):
     """The peer's logits as `losses.distillation_to_peers` scores them against `student_logits`, computing only what
-    the term needs: at the sampled `positions` (`losses.scored_sample`) when given; for a causal LM scored whole, a
+    the term needs: at the sampled `positions` (`losses.sample_positions`) when given; for a causal LM scored whole, a
     slice of the batch at a time as the loss asks for it; otherwise at the labelled positions. `context()` wraps the
     peer's forward (no_grad, autocast, eval mode)."""
     if positions is None and causal_lm and labels_per_token(student_logits, labels):  # scored whole
@@ -106,7 +106,7 @@ def peer_logits_at_labels(peer: nn.Module, inputs: dict, labels: torch.Tensor | 
                           shift_labels: bool) -> torch.Tensor:
     """The peer's logits at the labelled positions, (positions, classes), in the order `select_labelled_positions`
     gives the student's."""
-    mask = scored_positions(labels, shift_labels)
+    mask = label_mask(labels, shift_labels)
     if mask is None:
         return select_labelled_positions(logits_of(peer(**inputs)), labels, shift_labels)
     logits = _with_head_on_rows(peer, inputs, mask.shape, lambda hidden: hidden[mask])

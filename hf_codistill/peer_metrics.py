@@ -145,3 +145,19 @@ def _first_output(predictions):
 
 def _numpy(array) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def top1_ids(logits, labels):
+    """A `preprocess_logits_for_metrics` that keeps each position's top-1 class id, all agreement needs."""
+    return _first_output(logits).argmax(dim=-1)
+
+
+def per_model_preprocess(preprocess: Callable | None) -> Callable | None:
+    """Apply a single-model `preprocess_logits_for_metrics` to each model's entry of per-model logits."""
+    if preprocess is None:
+        return None
+
+    def apply(logits, labels):
+        return tuple(preprocess(entry, labels) for entry in logits)
+
+    return apply

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from hf_codistill.losses import (
+    causal_lm_mask,
     distillation_loss,
     distillation_to_peers,
     sample_positions,
-    scored_sample,
     select_labelled_positions,
-    whole_sequence_mask,
 )
 
 
@@ -140,7 +139,7 @@ def test_position_mask_equals_selecting_the_positions(batch, loss_type, monkeypa
 
     monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 5)
     student, peer, labels = batch
-    mask = losses.scored_positions(labels, shift_labels=True)
+    mask = losses.label_mask(labels, shift_labels=True)
     masked_student = student.clone().requires_grad_(True)
     masked = losses.distillation_loss(masked_student.reshape(-1, 5), peer.reshape(-1, 5), loss_type, 2.0,
                                       position_mask=mask.reshape(-1))
@@ -204,9 +203,9 @@ def test_distillation_to_peers_is_the_mean_over_peers_at_the_scored_positions(ba
 
 def test_causal_lm_logits_are_scored_whole_with_a_mask(batch):
     student, _, labels = batch
-    mask = whole_sequence_mask(student, labels, causal_lm=True)
+    mask = causal_lm_mask(student, labels, causal_lm=True)
     assert mask.tolist() == [True, False, True, False, False, False, True, False]
-    assert whole_sequence_mask(student, labels, causal_lm=False) is None
+    assert causal_lm_mask(student, labels, causal_lm=False) is None
 
 
 def test_soft_targets_on_a_single_output_are_refused():
@@ -222,13 +221,13 @@ def test_sampled_positions_are_distinct_labelled_first_and_fixed_in_number():
         assert positions.numel() == 4 and set(positions.tolist()) == {0, 2, 3, 6}
     positions = sample_positions(mask, 0.75)
     assert positions.numel() == 6 and len(set(positions.tolist())) == 6 and {0, 2, 3, 6} <= set(positions.tolist())
-    assert scored_sample(mask, 1.0) is None and scored_sample(None, 0.5) is None
+    assert sample_positions(mask, 1.0) is None and sample_positions(None, 0.5) is None
 
 
 def test_distillation_at_sampled_positions_scores_those_rows(batch):
     """Whole peers or peers already at the positions: the term over the sampled rows (unlabelled ones masked)."""
     student, peer, labels = batch
-    mask = whole_sequence_mask(student, labels, causal_lm=True)
+    mask = causal_lm_mask(student, labels, causal_lm=True)
     positions = torch.tensor([6, 0, 1])  # two scored positions and one without a label
     flat_student, flat_peer = student.reshape(-1, 5), peer.reshape(-1, 5)
     expected = _hand_losses(flat_student[[6, 0]], flat_peer[[6, 0]], 1.0)[0]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
-from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint, one_process
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments, get_last_checkpoint, model_stack, one_process
 from hf_codistill.checkpointing import PEERS_NAME, STATE_NAME
 from hf_codistill.one_process import OneProcessCodistillTrainer
 from tests.scripts.train_digits import as_stream, checksum, digits_dataset
@@ -206,13 +206,13 @@ def test_split_per_model_cuts_per_example_values_at_the_same_boundaries():
     that are not per example go to both models."""
     batch = {"pixel_values": torch.arange(10).reshape(5, 2), "labels": torch.arange(5), "ids": list("abcde"),
              "meta": ["m"], "mode": "train", "scale": torch.tensor(2.0)}
-    first, second = one_process.split_per_model(batch, 2)
+    first, second = model_stack.split_per_model(batch, 2)
     assert first["labels"].tolist() == [0, 1, 2] and second["labels"].tolist() == [3, 4]
     assert first["pixel_values"].tolist() == [[0, 1], [2, 3], [4, 5]] and first["ids"] == list("abc")
     assert second["ids"] == list("de")
     assert all(part["meta"] == ["m"] and part["mode"] == "train" and part["scale"] == 2.0 for part in (first, second))
     # Fewer examples than models: every model gets the whole batch.
-    parts = one_process.split_per_model({"labels": torch.tensor([0])}, 3)
+    parts = model_stack.split_per_model({"labels": torch.tensor([0])}, 3)
     assert all(part["labels"].tolist() == [0] for part in parts)
 
 

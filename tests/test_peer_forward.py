@@ -1,14 +1,16 @@
 """The peer's head runs on the labelled positions only, and gives exactly the logits a full forward selects."""
 
+import contextlib
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments, peer_forward
-from hf_codistill.losses import distillation_loss, sample_positions, select_labelled_positions, token_mask
+from hf_codistill.engine import CodistillEngine
+from hf_codistill.exchange import LocalPeers
+from hf_codistill.losses import distillation_loss, flat_label_mask, sample_positions, select_labelled_positions
 from hf_codistill.peer_forward import peer_logits_at_labels, peer_logits_at_positions
 
 
@@ -22,16 +24,17 @@ def _gpt2():
                                       eos_token_id=0)), True
 
 
-def _trainer_with_a_peer(build, tmp_path, **args):
-    """A `CodistillTrainer` for a new `build()` model with one frozen peer of the same kind, as one group sees it."""
+def _engine_with_a_peer(build, tmp_path, **args):
+    """The codistillation engine of a new `build()` model (group 0) with one peer of the same kind (group 1)."""
     torch.manual_seed(0)
     student, causal = build()
     peer, _ = build()
     peer.eval()
-    trainer = CodistillTrainer(model=student, args=CodistillTrainingArguments(str(tmp_path), use_cpu=True,
-                                                                             report_to="none", **args))
-    trainer.peer_copies = SimpleNamespace(models=lambda: [peer])
-    return student, peer, causal, trainer
+    engine = CodistillEngine(CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **args),
+                             driver=None, autocast=contextlib.nullcontext)
+    engine.models = {0: student}
+    engine.peers = LocalPeers({0: student, 1: peer}, live=True)
+    return student, peer, causal, engine
 
 
 @pytest.mark.parametrize("build", [_bert, _gpt2])
@@ -66,11 +69,11 @@ def test_classifiers_run_whole():
 def test_trainer_distillation_term_scores_the_labelled_positions(build, tmp_path):
     """The trainer's term (MLM: gathered positions; causal LM: all positions, unlabelled ones masked) equals the
     distillation loss between the full forwards at the labelled positions."""
-    student, peer, causal, trainer = _trainer_with_a_peer(build, tmp_path)
+    student, peer, causal, engine = _engine_with_a_peer(build, tmp_path)
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < 0.5, ids, torch.full_like(ids, -100))
     outputs = student(input_ids=ids)
-    term = trainer._distillation_term(student, outputs, {"input_ids": ids}, labels)
+    term = engine.distillation_term(0, outputs.logits, {"input_ids": ids}, labels)
     with torch.no_grad():
         expected = distillation_loss(select_labelled_positions(outputs.logits, labels, causal),
                                      select_labelled_positions(peer(input_ids=ids).logits, labels, causal))
@@ -97,17 +100,17 @@ def test_head_at_sampled_positions_matches_full_forward():
 def test_trainer_scores_a_language_model_at_sampled_positions(build, fraction, labelled, tmp_path):
     """`codistill_position_fraction`: the term over the positions `sample_positions` draws (unlabelled ones masked),
     with the peer's head on those only; for MLM a fixed count above the masking rate instead of a gather."""
-    student, peer, causal, trainer = _trainer_with_a_peer(build, tmp_path, codistill_position_fraction=fraction)
+    student, peer, causal, engine = _engine_with_a_peer(build, tmp_path, codistill_position_fraction=fraction)
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < labelled, ids, torch.full_like(ids, -100))
     outputs = student(input_ids=ids)
     projected = []
     handle = peer.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
     torch.manual_seed(7)
-    term = trainer._distillation_term(student, outputs, {"input_ids": ids}, labels)
+    term = engine.distillation_term(0, outputs.logits, {"input_ids": ids}, labels)
     handle.remove()
     torch.manual_seed(7)
-    mask = token_mask(outputs.logits, labels, causal)
+    mask = flat_label_mask(outputs.logits, labels, causal)
     positions = sample_positions(mask, fraction)
     assert positions.numel() == math.ceil(fraction * 36) and projected == [(positions.numel(), 100)]
     with torch.no_grad():
@@ -121,7 +124,7 @@ def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path
     """With room for 2 sequences' logits, a batch of 5 runs the peer on 2 + 2 + 1 sequences (with their attention
     masks), each slice as the loss scores it; the term equals the one between the whole forwards."""
     monkeypatch.setattr(peer_forward, "PEER_LOGITS_PER_SLICE", 2 * 12 * 100)
-    student, peer, _, trainer = _trainer_with_a_peer(_gpt2, tmp_path)
+    student, peer, _, engine = _engine_with_a_peer(_gpt2, tmp_path)
     ids = torch.randint(0, 100, (5, 12))
     attention_mask = torch.ones_like(ids)
     attention_mask[3, 9:] = 0
@@ -132,7 +135,7 @@ def test_a_causal_peer_scored_whole_runs_a_slice_of_the_batch_at_a_time(tmp_path
     handle = peer.register_forward_pre_hook(
         lambda module, args, kwargs: slices.append((kwargs["input_ids"].shape[0], torch.is_grad_enabled())),
         with_kwargs=True)
-    term = trainer._distillation_term(student, outputs, inputs, labels)
+    term = engine.distillation_term(0, outputs.logits, inputs, labels)
     handle.remove()
     assert slices == [(2, False), (2, False), (1, False)]
     with torch.no_grad():
@@ -153,18 +156,18 @@ def test_one_process_peers_compute_only_what_the_term_scores(build, fraction, tm
     args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill=True,
                                       codistill_position_fraction=fraction, codistill_sync_every=1)
     trainer = CodistillTrainer(model=[student, peer], args=args)
-    trainer._start_codistillation()
+    trainer.engine.start(0)
     ids = torch.randint(0, 100, (3, 12))
     labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
     logits = student(input_ids=ids).logits
     projected = []
     handle = peer.get_output_embeddings().register_forward_hook(lambda m, i, out: projected.append(out.shape))
     torch.manual_seed(7)
-    term = trainer._distillation_to_peers(0, logits, {"input_ids": ids}, labels)
+    term = trainer.engine.distillation_term(0, logits, {"input_ids": ids}, labels)
     handle.remove()
     assert peer.training  # the live peer ran in eval mode and was put back
     torch.manual_seed(7)
-    mask = token_mask(logits, labels, causal)
+    mask = flat_label_mask(logits, labels, causal)
     peer.eval()
     with torch.no_grad():
         peer_logits = peer(input_ids=ids).logits

@@ -1,7 +1,10 @@
-"""The sharded peer exchange between real processes: same peers as the unsharded path, 1/n of the cross-group bytes."""
+"""Peer sets: the exchange between real processes (sharded: same peers as the unsharded path, 1/n of the
+cross-group bytes), and the copies of G models in one process."""
 
 import pytest
+import torch
 
+from hf_codistill.exchange import LocalPeers
 from tests.conftest import SCRIPTS
 
 SCRIPT = SCRIPTS / "exchange_peers.py"
@@ -70,3 +73,50 @@ def test_models_of_another_shape_are_refused_even_with_as_many_values(exchanged)
     for rank in ranks:
         assert "Every group must train the same architecture" in rank["transposed"]
         assert "other names, shapes or precisions" in rank["transposed"]
+
+
+# ---- One process: the peer set of G local models --------------------------------------------------------------
+
+
+def _linear_models(count):
+    torch.manual_seed(0)
+    return {group: torch.nn.Linear(3, 2) for group in range(count)}
+
+
+def test_local_copies_are_frozen_and_refresh_only_when_asked():
+    models = _linear_models(3)
+    peers = LocalPeers(models, live=False, dtype=torch.bfloat16)
+    assert sorted(peers.peers_of(1)) == [0, 2] and peers.dtype == torch.bfloat16
+    copy_ = peers.peers_of(1)[2]
+    assert not copy_.training and not any(p.requires_grad for p in copy_.parameters())
+    with torch.no_grad():
+        models[2].bias.add_(1.0)
+    assert not torch.equal(copy_.bias, models[2].bias.to(torch.bfloat16))
+    peers.refresh(step=4)
+    assert torch.equal(copy_.bias, models[2].bias.to(torch.bfloat16))
+    assert peers.checkpoint_state()["last_exchange_step"] == 4 and peers.counters() == {"peer_exchanges": 1}
+
+
+def test_live_peers_are_the_models_themselves():
+    models = _linear_models(2)
+    peers = LocalPeers(models, live=True, dtype=torch.bfloat16)
+    assert peers.peers_of(0)[1] is models[1] and peers.copies is None and peers.dtype is None
+
+
+def test_each_models_checkpoint_holds_the_others_and_together_restore_every_copy():
+    models = _linear_models(3)
+    peers = LocalPeers(models, live=False)
+    peers.refresh(step=0)
+    states = {group: peers.state_dict(group) for group in models}
+    assert {key.split(".")[0] for key in states[1]} == {"group_0", "group_2"}
+    restored = LocalPeers({group: torch.nn.Linear(3, 2) for group in models}, live=False)
+    for state in states.values():
+        restored.load_state_dict(state)
+    for group in models:
+        assert torch.equal(restored.copies[group].weight, models[group].weight)
+
+
+def test_a_shared_initialisation_needs_one_architecture():
+    models = {0: torch.nn.Linear(3, 2), 1: torch.nn.Linear(3, 4)}
+    with pytest.raises(ValueError, match="codistill_shared_init=False"):
+        LocalPeers(models, live=True).share_initialisation()
