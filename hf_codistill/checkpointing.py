@@ -182,7 +182,8 @@ def write_run_info(root: str, args, num_groups: int, group_size: int, **extra) -
         **extra,
         **{name: getattr(args, name) for name in ("codistill_alpha", "codistill_loss", "codistill_temperature",
                                                   "codistill_sync_every", "codistill_burn_in_steps",
-                                                  "codistill_alpha_warmup_steps", "codistill_peer_dtype")},
+                                                  "codistill_alpha_warmup_steps", "codistill_peer_dtype",
+                                                  "codistill_num_peers")},
     }
     with open(os.path.join(root, RUN_INFO_NAME), "w") as f:
         json.dump(info, f, indent=2)

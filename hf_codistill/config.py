@@ -138,6 +138,10 @@ class CodistillTrainingArguments(TrainingArguments):
             host sync that gathering them costs on a GPU. 1.0: every position of a causal LM, every masked token of a
             masked LM. Any model with a label per token (token classification too) is sampled; classifiers with one
             label per example ignore it.
+        codistill_num_peers (`int`, *optional*):
+            m, how many peers each group distils from: the next m groups on a ring (g+1 ... g+m mod G). A group then
+            holds and fetches only those m models, so peer memory and exchange bytes scale with m instead of G - 1
+            (many groups). Evaluation still scores the ensemble and agreement of all G models. Unset: all G - 1.
     """
 
     # Each field's `help` is its entry in the docstring above (`help_from_docstring`).
@@ -161,6 +165,7 @@ class CodistillTrainingArguments(TrainingArguments):
     codistill_overlap_exchange: bool = False
     codistill_peer_dtype: str | None = field(default=None, metadata={"choices": list(PEER_DTYPES)})
     codistill_position_fraction: float = 1.0
+    codistill_num_peers: int | None = None
 
     def __post_init__(self):
         self._check_codistill_arguments()
@@ -240,6 +245,19 @@ class CodistillTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`num_groups` must be >= 2 with `codistill=True` (got {self.num_groups}); "
                 "for a single model, drop `--codistill`."
+            )
+        if self.deepspeed or self.fsdp:
+            # Peers are copied and exchanged as whole, unsharded modules: a sharded model's parameters on this rank
+            # are a shard (or empty), so the peers and the exchange would silently be wrong.
+            sharding = "deepspeed" if self.deepspeed else "fsdp"
+            raise ValueError(
+                f"`{sharding}` is not supported with `codistill=True` yet: each group trains with DDP (its model "
+                "whole on every rank). Drop it, or train without `--codistill`."
+            )
+        if self.codistill_num_peers is not None and not 1 <= self.codistill_num_peers < self.num_groups:
+            raise ValueError(
+                f"`codistill_num_peers` must be between 1 and num_groups - 1 = {self.num_groups - 1} (each group "
+                f"distils from the next m other groups), got {self.codistill_num_peers}; leave it unset for all."
             )
         world_size = launched_world_size()
         if world_size > 1 and world_size % self.num_groups != 0:

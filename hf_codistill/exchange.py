@@ -59,6 +59,12 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     return peer.to(dtype) if dtype is not None else peer
 
 
+def ring_peers(group: int, num_groups: int, num_peers: int | None = None) -> list[int]:
+    """The groups `group` distils from: the next `num_peers` on a ring (g+1 ... g+m mod G), or all the others."""
+    num_peers = num_groups - 1 if num_peers is None else num_peers
+    return sorted((group + step) % num_groups for step in range(1, num_peers + 1))
+
+
 def _buckets(tensors: OrderedDict[str, torch.Tensor]) -> dict[tuple[torch.dtype, torch.device], list[str]]:
     buckets: dict[tuple[torch.dtype, torch.device], list[str]] = {}
     for name, tensor in tensors.items():
@@ -79,8 +85,8 @@ class _BucketTransfer:
     names: list[str]
     numel: int
     sent: torch.Tensor
-    gathered: list[torch.Tensor]
-    work: object
+    gathered: dict[int, torch.Tensor]
+    works: list
 
 
 @dataclass
@@ -92,19 +98,25 @@ class _PendingExchange:
 class PeerCopies:
     """The peer models of one rank, indexed by group, and the exchange that refreshes them.
 
-    `bytes_sent` / `bytes_received` count what crossed group boundaries (this rank's column traffic);
-    `group_bytes_received` counts what the sharded path adds inside the group.
+    With `num_peers` m < G - 1 a group holds and fetches only the next m groups' models on a ring (`ring_peers`):
+    each group sends its model to the m groups that distil from it and receives its m peers (point to point over the
+    column), so memory and bytes scale with m, not G. `bytes_sent` / `bytes_received` count what crossed group
+    boundaries (this rank's column traffic); `group_bytes_received` counts what the sharded path adds inside the group.
     """
 
     def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, num_peers: int | None = None):
         self.model = model
         self.dtype = dtype
         self.topology = topology
         self.sharded = sharded and topology.group_size > 1
+        group, num_groups = topology.group_index, topology.num_groups
         self.peers: dict[int, nn.Module] = {
-            group: frozen_copy(model, dtype) for group in range(topology.num_groups) if group != topology.group_index
+            peer: frozen_copy(model, dtype) for peer in ring_peers(group, num_groups, num_peers)
         }
+        # The groups that distil from this one (this group is among their next m).
+        self.readers = sorted(reader for reader in range(num_groups) if group in ring_peers(reader, num_groups,
+                                                                                             len(self.peers)))
         self.last_exchange_step: int | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -186,12 +198,18 @@ class PeerCopies:
                 sent = flat[topology.group_rank * shard : (topology.group_rank + 1) * shard]
             else:
                 sent = flat
-            gathered = [torch.empty_like(sent) for _ in range(topology.num_groups)]
-            work = topology.column.allgather([gathered], [sent])
-            buckets.append(_BucketTransfer(names, numel, sent, gathered, work))
-            moved = sent.numel() * sent.element_size() * (topology.num_groups - 1)
-            self.bytes_sent += moved
-            self.bytes_received += moved
+            if len(self.peers) == topology.num_groups - 1:  # every group needs every model: one all-gather
+                everyone = [torch.empty_like(sent) for _ in range(topology.num_groups)]
+                works = [topology.column.allgather([everyone], [sent])]
+                gathered = {peer: everyone[peer] for peer in self.peers}
+            else:  # a column's rank is its group index; one tag per bucket keeps the messages apart
+                tag = len(buckets)
+                gathered = {peer: torch.empty_like(sent) for peer in self.peers}
+                works = [topology.column.send([sent], reader, tag) for reader in self.readers]
+                works += [topology.column.recv([gathered[peer]], peer, tag) for peer in self.peers]
+            buckets.append(_BucketTransfer(names, numel, sent, gathered, works))
+            self.bytes_sent += sent.numel() * sent.element_size() * len(self.readers)
+            self.bytes_received += sent.numel() * sent.element_size() * len(self.peers)
         self._pending = _PendingExchange(step, buckets)
 
     @torch.no_grad()
@@ -206,7 +224,8 @@ class PeerCopies:
         peer_groups = sorted(self.peers)
         peer_tensors = {group: exchanged_tensors(peer) for group, peer in self.peers.items()}
         for bucket in pending.buckets:
-            bucket.work.wait()
+            for work in bucket.works:
+                work.wait()
             if self.sharded:
                 # One all-gather over the group for every peer's shards: row r of `assembled` is rank r's shards.
                 shards = torch.cat([bucket.gathered[group] for group in peer_groups])
@@ -281,8 +300,10 @@ class LocalPeers:
     """The peer set of G models trained in one process: frozen copies (in `dtype` if given) of every model, refreshed
     by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision."""
 
-    def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None):
+    def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None,
+                 num_peers: int | None = None):
         self.models = models
+        self.num_peers = num_peers
         self.live = live
         self.dtype = None if live else dtype
         self.copies = None if live else [frozen_copy(models[group], dtype) for group in sorted(models)]
@@ -293,7 +314,7 @@ class LocalPeers:
         return self.models[group] if self.live else self.copies[group]
 
     def peers_of(self, group: int) -> dict[int, nn.Module]:
-        return {peer: self.model(peer) for peer in sorted(self.models) if peer != group}
+        return {peer: self.model(peer) for peer in ring_peers(group, len(self.models), self.num_peers)}
 
     def check_compatible(self) -> None:
         pass  # peers in one process may differ in architecture; their outputs are checked by the loss

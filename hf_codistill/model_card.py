@@ -10,13 +10,13 @@ from __future__ import annotations
 SECTION_TITLE = "## Codistillation"
 
 
-def peer_names(own_name: str, group_index: int, num_groups: int) -> list[str]:
-    """The other groups' repositories (`<base>-group-<j>`) or folders (`group_<j>`), from this group's name."""
+def peer_names(own_name: str, group_index: int, peer_groups: list[int]) -> list[str]:
+    """The peer groups' repositories (`<base>-group-<j>`) or folders (`group_<j>`), from this group's name."""
     suffix = f"-group-{group_index}"
     if own_name.endswith(suffix):
         base = own_name[: -len(suffix)]
-        return [f"{base}-group-{j}" for j in range(num_groups) if j != group_index]
-    return [f"group_{j}" for j in range(num_groups) if j != group_index]
+        return [f"{base}-group-{j}" for j in peer_groups]
+    return [f"group_{j}" for j in peer_groups]
 
 
 def group_log_history(log_history: list[dict], group: int) -> list[dict]:

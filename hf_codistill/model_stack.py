@@ -40,6 +40,13 @@ class CodistilledModels(nn.Module):
         self.loss_type = getattr(models[0], "loss_type", None)
         self.config = getattr(models[0], "config", None)
 
+    def share_use_cache(self) -> None:
+        """Trainer sets `use_cache` on its model's config, which this module lends from model 0: give it to all."""
+        use_cache = getattr(self.config, "use_cache", None)
+        for model in self.models[1:]:
+            if use_cache is not None and getattr(model, "config", None) is not None:
+                model.config.use_cache = use_cache
+
     # Trainer's `gradient_checkpointing` (`activation_checkpointing` from transformers 5.2x on), for every model.
     activation_checkpointing_enable = _on_every_model("activation_checkpointing_enable")
     activation_checkpointing_disable = _on_every_model("activation_checkpointing_disable")
@@ -127,6 +134,13 @@ def _num_examples(batch: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return next((len(value) for value in batch.values() if isinstance(value, (list, tuple))), None)
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer under accelerate's `AcceleratedOptimizer` wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class PerModelOptimizers(torch.optim.Optimizer):

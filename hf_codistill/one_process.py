@@ -13,11 +13,7 @@ launched mode, with the same semantics, so results carry over:
 - optimizer: one optimizer and LR scheduler per model, built by Trainer's `create_optimizer` / `create_scheduler`;
   gradients are clipped per model (Trainer's global norm over all parameters would couple the models);
 - saving, resuming, evaluation and `push_to_hub` run the launched driver's per-group code once per model
-  (`_for_model`), so the files are those of the launched mode: `output_dir/group_<g>/checkpoint-<N>/...`,
-  `codistill.json`, group 0's final model also at `output_dir`.
-
-Evaluation reports each model's metrics (group 0's under the plain keys, every model's under `group_<g>/`), the
-ensemble's (`eval_ensemble_<metric>`) and the top-1 agreement (`eval_agreement_<i>_<j>`, `eval_agreement_mean`).
+  (`_for_model`), so the files and metrics are those of the launched mode.
 """
 
 from __future__ import annotations
@@ -47,6 +43,7 @@ from .model_stack import (
     PerModelSchedulers,
     check_list_of_models,
     split_per_model,
+    unwrap_optimizer,
 )
 from .peer_forward import is_causal_lm
 from .peer_metrics import peer_compute_metrics, per_model_preprocess, top1_ids
@@ -79,15 +76,17 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
         self._group_args = [group_view_of(args, group) for group in range(len(models))]
         self._active_group: int | None = None
         self._causal_lm = is_causal_lm(models[0])
-        # Ids are enough for agreement and far smaller than logits when no metric needs the probabilities.
+        # Each model's own metrics come from Trainer's loop, the ensemble's and agreement from the peer evaluation.
+        self._model_metrics = (compute_metrics, preprocess_logits_for_metrics)
         if preprocess_logits_for_metrics is None and compute_metrics is None:
+            # `predict()`'s per-model predictions: ids, far smaller than logits, when no metric reads probabilities.
             preprocess_logits_for_metrics = top1_ids
+        each_model = peer_compute_metrics(compute_metrics, with_peer_metrics=False) if compute_metrics else None
         super().__init__(
             CodistilledModels(models),
             args,
             *trainer_args,
-            compute_metrics=peer_compute_metrics(compute_metrics, shift_labels=self._causal_lm,
-                                                 with_peer_metrics=args.codistill_peer_metrics),
+            compute_metrics=each_model,
             preprocess_logits_for_metrics=per_model_preprocess(preprocess_logits_for_metrics),
             **trainer_kwargs,
         )
@@ -96,11 +95,7 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
         if args.label_names is None:
             self.label_names = find_labels(type(models[0]))
         self.can_return_loss = can_return_loss(type(models[0]))
-        # Trainer sets `use_cache` on its model's config, which the holder lends from model 0: give it to every model.
-        use_cache = getattr(getattr(models[0], "config", None), "use_cache", None)
-        for each in models[1:]:
-            if use_cache is not None and getattr(each, "config", None) is not None:
-                each.config.use_cache = use_cache
+        self.model.share_use_cache()
         self._hub_model_ids = [self.hub_model_id] + [None] * (len(models) - 1)
         self._grad_norms: list[float | None] = [None] * len(models)
         self._eval_losses: list[list[float]] = []
@@ -129,6 +124,10 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
         return 1
 
     @property
+    def causal_lm(self) -> bool:
+        return self._causal_lm
+
+    @property
     def peers(self) -> LocalPeers | None:
         """The models' peers (built when training starts)."""
         return self.engine.peers
@@ -141,8 +140,8 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
                  self._active_group)
         self.model = self.model_wrapped = self.models[group]
         self.args = self._group_args[group]
-        if isinstance(self._unwrapped_optimizer(), PerModelOptimizers):
-            self.optimizer = self._unwrapped_optimizer().optimizers[group]
+        if isinstance(unwrap_optimizer(self.optimizer), PerModelOptimizers):
+            self.optimizer = unwrap_optimizer(self.optimizer).optimizers[group]
         if isinstance(self.lr_scheduler, PerModelSchedulers):
             self.lr_scheduler = self.lr_scheduler.schedulers[group]
         self.hub_model_id = self._hub_model_ids[group]
@@ -154,19 +153,14 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
             (self.model, self.model_wrapped, self.args, self.optimizer, self.lr_scheduler, self.hub_model_id,
              self._active_group) = saved
 
-    def _unwrapped_optimizer(self):
-        optimizer = self.optimizer
-        while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer
-            optimizer = optimizer.optimizer
-        return optimizer
-
     # ---- What the engine asks of its driver -----------------------------------------------------------------
 
     def codistilled_models(self) -> dict[int, nn.Module]:
         return dict(enumerate(self.models))
 
     def make_peer_set(self, models: dict[int, nn.Module]) -> LocalPeers:
-        return LocalPeers(models, live=self.args.codistill_sync_every == 1, dtype=self.args.peer_torch_dtype)
+        return LocalPeers(models, live=self.args.codistill_sync_every == 1, dtype=self.args.peer_torch_dtype,
+                          num_peers=self.args.codistill_num_peers)
 
     def resume_checkpoints(self) -> dict[int, str] | None:
         if self._resume_checkpoint is None:
@@ -241,7 +235,7 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             schedulers = []
-            for each in self._unwrapped_optimizer().optimizers:
+            for each in unwrap_optimizer(self.optimizer).optimizers:
                 self.lr_scheduler = None
                 schedulers.append(super().create_scheduler(num_training_steps, optimizer=each))
             self.lr_scheduler = PerModelSchedulers(schedulers)
@@ -315,14 +309,26 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
 
     # ---- Evaluation -----------------------------------------------------------------------------------------
 
+    def _single_model_metrics(self):
+        return self._model_metrics
+
+    def _fetch_current_peers(self) -> None:
+        pass  # every model is here, current
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Trainer's prediction step for every model; the loss is model 0's, the logits one entry per model."""
         losses, logits, labels = [], [], None
+        peers_scored = self._peer_evaluation is not None  # they need the logits even when Trainer wants the loss
         for group, each in enumerate(self.models):
             with self._for_model(group):
-                loss, group_logits, labels = super().prediction_step(each, inputs, prediction_loss_only, ignore_keys)
+                loss, group_logits, labels = super().prediction_step(
+                    each, inputs, prediction_loss_only and not peers_scored, ignore_keys)
             losses.append(loss)
             logits.append(group_logits)
+        if peers_scored and all(entry is not None for entry in logits):
+            self._peer_evaluation.add_batch(logits[0], logits[1:], labels)
+            if prediction_loss_only:
+                logits = [None]
         if losses[0] is not None:
             batch_size = find_batch_size(inputs)
             for group, loss in enumerate(losses):
@@ -404,26 +410,25 @@ class OneProcessCodistillTrainer(CodistillTrainer, trains_a_list_of_models=True)
         finally:
             self.state.log_history = shared_history
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        # Private Trainer hook: each model's optimizer.pt / scheduler.pt in its own checkpoint folder.
+    def _in_each_models_checkpoint(self, method, checkpoint: str) -> None:
+        """Trainer's `method` for every model, on its own group's folder of `checkpoint`'s step."""
         for group in range(self.num_groups):
             with self._for_model(group):
-                super()._save_optimizer_and_scheduler(sibling_checkpoint(output_dir, group))
+                method(sibling_checkpoint(checkpoint, group))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Private Trainer hook: each model's optimizer.pt / scheduler.pt in its own checkpoint folder.
+        self._in_each_models_checkpoint(super()._save_optimizer_and_scheduler, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # Private Trainer hook, the counterpart of `_save_optimizer_and_scheduler`.
-        if checkpoint is None:
-            return
-        for group in range(self.num_groups):
-            with self._for_model(group):
-                super()._load_optimizer_and_scheduler(sibling_checkpoint(checkpoint, group))
+        if checkpoint is not None:
+            self._in_each_models_checkpoint(super()._load_optimizer_and_scheduler, checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        # Private Trainer hook: load each model's weights from its own group's checkpoint (the engine then reloads
-        # renamed keys, see `compat.reload_renamed_weights`).
-        for group in range(self.num_groups):
-            with self._for_model(group):
-                super()._load_from_checkpoint(sibling_checkpoint(resume_from_checkpoint, group))
+        # Private Trainer hook: each model's weights from its own group's checkpoint (the engine then reloads renamed
+        # keys, see `compat.reload_renamed_weights`).
+        self._in_each_models_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         # Private Trainer hook of `load_best_model_at_end`: the best step is chosen on model 0's metric.

@@ -23,10 +23,10 @@ from .checkpointing import group_dir, resolve_resume_checkpoint, write_run_info
 from .compat import align_loss_accounting, say_trained_from_scratch
 from .config import CodistillTrainingArguments
 from .engine import CodistillEngine, alpha_at
-from .exchange import PeerCopies
+from .exchange import PeerCopies, ring_peers
 from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
 from .peer_evaluation import PeerEvaluation
-from .peer_forward import is_causal_lm, logits_of
+from .peer_forward import is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .step_metrics import InitialParameters, ParameterDistanceCallback
 from .topology import GroupTopology, get_topology
@@ -153,6 +153,11 @@ class CodistillTrainer(Trainer):
         return self.topology.is_world_zero if self.topology is not None else self.args.process_index == 0
 
     @property
+    def causal_lm(self) -> bool:
+        """Whether the model is a causal LM (its position t is scored against label t + 1)."""
+        return is_causal_lm(self.accelerator.unwrap_model(self.model))
+
+    @property
     def peer_copies(self) -> PeerCopies | None:
         """This group's stale peers (built when training starts)."""
         return self.engine.peers if self.engine is not None else None
@@ -164,7 +169,7 @@ class CodistillTrainer(Trainer):
 
     def make_peer_set(self, models: dict[int, nn.Module]) -> PeerCopies:
         return PeerCopies(models[self.group_index], self.topology, sharded=self.args.codistill_sharded_exchange,
-                          dtype=self.args.peer_torch_dtype)
+                          dtype=self.args.peer_torch_dtype, num_peers=self.args.codistill_num_peers)
 
     def resume_checkpoints(self) -> dict[int, str] | None:
         return {self.group_index: self._resume_checkpoint} if self._resume_checkpoint else None
@@ -222,7 +227,7 @@ class CodistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         group = self._codistilled_group_of(model) if self.engine is not None and model.training else None
         if group is None:
-            if self._peer_evaluation is not None:
+            if self._eval_peers is not None:
                 self._record_eval_peer_logits(inputs)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.get("labels")
@@ -262,26 +267,33 @@ class CodistillTrainer(Trainer):
         Collective across groups: every group evaluates at the same steps, so they fetch each other's current
         models into temporary copies here, leaving the stale peers that training uses as they were.
         """
-        if self.topology is None or not self.args.codistill_peer_metrics:
+        if self.engine is None or not self.args.codistill_peer_metrics:
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                            metric_key_prefix)
-        self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange)
-        self._eval_peers.check_same_architecture(self.model)
-        self._eval_peers.exchange(self.model, self.state.global_step)
-        self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index,
-                                               is_causal_lm(self.accelerator.unwrap_model(self.model)),
-                                               self.preprocess_logits_for_metrics,
-                                               keep_predictions=self.compute_metrics is not None)
+        compute_metrics, preprocess = self._single_model_metrics()
+        self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index, self.causal_lm, preprocess,
+                                               keep_predictions=compute_metrics is not None)
         try:
+            self._fetch_current_peers()
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
-            output.metrics.update(self._peer_evaluation.metrics(self.compute_metrics, metric_key_prefix))
+            output.metrics.update(self._peer_evaluation.metrics(compute_metrics, metric_key_prefix))
         finally:
-            if self.peer_copies is not None:
+            if self._eval_peers is not None and self.peer_copies is not None:
                 self.peer_copies.bytes_sent += self._eval_peers.bytes_sent
                 self.peer_copies.bytes_received += self._eval_peers.bytes_received
             self._eval_peers = self._peer_evaluation = None
         return output
+
+    def _single_model_metrics(self):
+        """`compute_metrics` and `preprocess_logits_for_metrics` for one model, which also score the ensemble."""
+        return self.compute_metrics, self.preprocess_logits_for_metrics
+
+    def _fetch_current_peers(self) -> None:
+        """The other groups' current models, into temporary copies for this evaluation (collective)."""
+        self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange)
+        self._eval_peers.check_same_architecture(self.model)
+        self._eval_peers.exchange(self.model, self.state.global_step)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self._peer_evaluation is None:
@@ -309,10 +321,13 @@ class CodistillTrainer(Trainer):
         return is_new_best
 
     def _record_eval_peer_logits(self, inputs) -> None:
-        """Run the evaluation copies of the peers on the batch `compute_loss` received (inputs already on device)."""
+        """Run the evaluation copies of the peers on the batch `compute_loss` received (inputs already on device),
+        their output heads only where a label scores them."""
+        labels = inputs.get("labels")
         peer_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         with torch.no_grad(), self.accelerator.autocast():
-            self._eval_peer_logits = [peer(**peer_inputs) for peer in self._eval_peers.models()]
+            self._eval_peer_logits = [peer_logits_at_labels(peer, peer_inputs, labels, shift_labels=self.causal_lm)
+                                      for peer in self._eval_peers.models()]
 
     # ---- Logging --------------------------------------------------------------------------------------------
 
@@ -387,7 +402,8 @@ class CodistillTrainer(Trainer):
                     or os.path.basename(self.args.output_dir))
         section = codistillation_section(
             self.args, self.group_index, self.num_groups, self.group_size,
-            peers=peer_names(own_name, self.group_index, self.num_groups),
+            peers=peer_names(own_name, self.group_index,
+                             ring_peers(self.group_index, self.num_groups, self.args.codistill_num_peers)),
             dataset=kwargs.get("dataset"), eval_metrics=last_eval_metrics(self.state.log_history),
         )
         add_codistillation_section(card, section)

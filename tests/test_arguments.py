@@ -64,19 +64,19 @@ def test_options_that_would_do_nothing_are_named(tmp_path):
     ],
 )
 def test_bad_recipe_arguments_are_named(dataclass_name, kwargs, message):
-    from hf_codistill import recipe_args
+    from hf_codistill.recipes import arguments as recipe_args
 
     with pytest.raises(ValueError, match=message):
         getattr(recipe_args, dataclass_name)(**kwargs)
 
 
 def test_an_unknown_data_set_names_the_offline_ones():
-    from hf_codistill.recipe_args import ImageDataArguments, ModelArguments, TextDataArguments
-    from hf_codistill.text_pipeline import load_text_data
+    from hf_codistill.recipes.arguments import ImageDataArguments, ModelArguments, TextDataArguments
+    from hf_codistill.recipes.text import load_text_data
 
     with pytest.raises(ValueError, match=r"Could not load the data set './no_such_set'.*shakespeare.*--train_file"):
         load_text_data(TextDataArguments(dataset_name="./no_such_set"), ModelArguments(), seed=0)
-    from hf_codistill.image_pipeline import load_image_data
+    from hf_codistill.recipes.images import load_image_data
 
     with pytest.raises(ValueError, match=r"'./no_such_set'.*digits, fashion_mnist.*--train_dir"):
         load_image_data(ImageDataArguments(dataset_name="./no_such_set"), ModelArguments(), 0, needs_validation=True)

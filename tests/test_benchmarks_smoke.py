@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import REPO, clean_env
 
 BENCHMARKS = REPO / "benchmarks"
+pytestmark = pytest.mark.slow
 
 
 def run(script, *args, timeout=300):

@@ -24,7 +24,7 @@ def squeeze(text):
 
 def test_each_option_help_is_its_whole_docstring_entry():
     doc = " ".join(CodistillTrainingArguments.__doc__.split())
-    assert len(OWN_FIELDS) == 18
+    assert len(OWN_FIELDS) == 19
     for f in OWN_FIELDS:
         text = f.metadata["help"].replace("%%", "%")  # argparse needs `%` doubled
         assert text and "%" not in f.metadata["help"].replace("%%", "")
@@ -47,7 +47,7 @@ def test_codistill_only_options_are_those_of_the_codistill_only_sections():
         "num_groups", "codistill_alpha", "codistill_loss", "codistill_temperature", "codistill_sync_every",
         "codistill_burn_in_steps", "codistill_alpha_warmup_steps", "codistill_shared_init", "codistill_shared_batch",
         "codistill_peer_metrics", "codistill_sharded_exchange", "codistill_overlap_exchange", "codistill_peer_dtype",
-        "codistill_position_fraction",
+        "codistill_position_fraction", "codistill_num_peers",
     )
 
 
@@ -139,3 +139,16 @@ def test_range_checks_name_the_parameter(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CodistillTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("num_peers", [0, 3, -1])
+def test_a_number_of_peers_outside_one_to_g_minus_one_names_the_range(num_peers):
+    with pytest.raises(ValueError, match=r"`codistill_num_peers` must be between 1 and num_groups - 1 = 2"):
+        CodistillTrainingArguments("x", codistill=True, num_groups=3, codistill_num_peers=num_peers, use_cpu=True)
+
+
+@pytest.mark.parametrize("sharding", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 2}}}])
+def test_sharded_training_is_refused_rather_than_exchanging_shards(sharding):
+    name = next(iter(sharding))
+    with pytest.raises(ValueError, match=f"`{name}` is not supported with `codistill=True`"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True, **sharding)

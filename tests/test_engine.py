@@ -29,17 +29,18 @@ class Classifier(nn.Module):
 class Driver:
     """The smallest `CodistillDriver`: G models in one process, checkpoints under `root/group_<g>`."""
 
-    num_groups, group_size = 2, 1
+    group_size = 1
 
-    def __init__(self, root, models, resume=None):
-        self.root, self.models, self.resume = root, models, resume
+    def __init__(self, root, models, resume=None, num_peers=None):
+        self.root, self.models, self.resume, self.num_peers = root, models, resume, num_peers
+        self.num_groups = len(models)
         self.barriers, self.run_info_written = [], 0
 
     def codistilled_models(self):
         return dict(enumerate(self.models))
 
     def make_peer_set(self, models):
-        return LocalPeers(models, live=False)
+        return LocalPeers(models, live=False, num_peers=self.num_peers)
 
     def resume_checkpoints(self):
         return self.resume
@@ -58,8 +59,10 @@ class Driver:
 
 
 def make_engine(tmp_path, models=None, resume=None, **args):
-    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill=True, **args)
-    driver = Driver(str(tmp_path), models or [Classifier(0), Classifier(1)], resume)
+    models = models or [Classifier(0), Classifier(1)]
+    args = CodistillTrainingArguments(str(tmp_path), use_cpu=True, report_to="none", codistill=True,
+                                      num_groups=len(models), **args)
+    driver = Driver(str(tmp_path), models, resume, args.codistill_num_peers)
     return CodistillEngine(args, driver, autocast=contextlib.nullcontext), driver
 
 
@@ -142,3 +145,18 @@ def test_a_checkpoint_is_marked_after_its_files_and_restores_the_peers(tmp_path)
     assert resumed.peers.num_exchanges == 2 and resumed.peers.last_exchange_step == 2
     torch.testing.assert_close(resumed.initial_parameters[1].tensors["linear.bias"],
                                engine.initial_parameters[1].tensors["linear.bias"])
+
+
+def test_a_bounded_peer_set_distils_from_the_next_groups_on_a_ring(tmp_path):
+    """G = 4, m = 1: model g distils from model g + 1 (mod 4) alone; the term is the KL to that one, by hand."""
+    engine, driver = make_engine(tmp_path, models=[Classifier(seed) for seed in range(4)], codistill_num_peers=1)
+    engine.start(step=0)
+    assert {group: list(engine.peers.peers_of(group)) for group in range(4)} == {0: [1], 1: [2], 2: [3], 3: [0]}
+    x = torch.randn(6, 4)
+    logits = driver.models[3](x)["logits"]
+    term = engine.distillation_term(3, logits, {"x": x}, torch.zeros(6, dtype=torch.long))
+    with torch.no_grad():
+        target = torch.softmax(driver.models[0](x)["logits"], dim=-1)
+    by_hand = (target * (target.log() - torch.log_softmax(logits, dim=-1))).sum(dim=-1).mean()
+    torch.testing.assert_close(term, by_hand)
+    assert set(engine.peers.state_dict(3)) == {"group_0.linear.weight", "group_0.linear.bias"}

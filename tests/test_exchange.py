@@ -75,6 +75,35 @@ def test_models_of_another_shape_are_refused_even_with_as_many_values(exchanged)
         assert "other names, shapes or precisions" in rank["transposed"]
 
 
+@pytest.fixture(scope="module")
+def ring_of_four(tmp_path_factory, launcher):
+    """G = 4 groups of 1 process, each distilling from the next group only (m = 1)."""
+    return launcher(SCRIPT, 4, ["--num_groups", "4", "--ring_only"], tmp_path_factory.mktemp("ring") / "results",
+                    timeout=120)
+
+
+def _ring_checks(ranks, num_groups, group_size):
+    own = {rank["group_index"]: rank["own"] for rank in ranks}
+    model_bytes = ranks[0]["model_bytes"]
+    for rank in ranks:
+        group = rank["group_index"]
+        following, preceding = (group + 1) % num_groups, (group - 1) % num_groups
+        for mode, ring in rank["ring"].items():
+            # One peer held, the next group's model; this group's model goes to the group before it only.
+            assert ring["peers"] == {str(following): pytest.approx(own[following])}, (mode, group)
+            assert ring["readers"] == [preceding]
+            sharded = mode == "sharded" and group_size > 1
+            per_exchange = sum(-(-numel // group_size) * size for numel, size in BUCKETS) if sharded else model_bytes
+            # Two exchanges of one model (a shard of it, sharded) each way: 1/(G-1) of the all-gather's bytes.
+            assert ring["bytes_sent"] == ring["bytes_received"] == 2 * per_exchange
+
+
+def test_a_bounded_peer_set_fetches_the_next_group_alone(ring_of_four, exchanged):
+    _ring_checks(ring_of_four, num_groups=4, group_size=1)
+    num_groups, group_size, ranks = exchanged
+    _ring_checks(ranks, num_groups, group_size)
+
+
 # ---- One process: the peer set of G local models --------------------------------------------------------------
 
 

@@ -137,7 +137,8 @@ def test_fresh_peers_are_the_live_models(tmp_path, monkeypatch):
     live.train()
     assert live.peers.live and live.peers.copies is None
     local_peers = one_process.LocalPeers
-    monkeypatch.setattr(one_process, "LocalPeers", lambda models, live, dtype: local_peers(models, False, dtype))
+    monkeypatch.setattr(one_process, "LocalPeers",
+                        lambda models, live, dtype, **kwargs: local_peers(models, False, dtype, **kwargs))
     copied = CodistillTrainer(model=[vit(0), vit(1)], args=codistill_args(tmp_path / "copies", **args),
                               train_dataset=train)
     copied.train()

@@ -97,7 +97,7 @@ def test_peer_evaluation_concatenates_batches_of_different_lengths():
         labels[:, 0] = -100
         evaluation.add_batch(own, [own.clone()], labels)
     metrics = evaluation.metrics(None, "eval")
-    assert evaluation.top1.shape == (4, 5, 2)
+    assert evaluation.scored_positions == 2 * 4 + 2 * 2  # every labelled position once, across both lengths
     assert metrics["eval_agreement_0_1"] == 1.0 and metrics["eval_ensemble_loss"] > 0
 
 

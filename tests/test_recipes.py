@@ -11,11 +11,14 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
 )
 
-from hf_codistill.data import fashion_mnist_available, gpt2_bpe_tokenizer, minilm_path
+from hf_codistill.metrics import metric_path
+from hf_codistill.recipes.data import fashion_mnist_available, gpt2_bpe_tokenizer, load_bbc_news, minilm_path
 from tests.conftest import REPO, launch
 
 RECIPES = REPO / "recipes"
@@ -77,8 +80,8 @@ def test_recipe_codistilled_under_accelerate(recipe, tmp_path):
 
 def _check_peer_metrics_by_hand(out):
     """Re-score the two saved ViTs on the same 32 held-out digits in one process: ensemble and agreement match."""
-    from hf_codistill.data import load_digits_dataset
-    from hf_codistill.image_pipeline import ImageTransform
+    from hf_codistill.recipes.data import load_digits_dataset
+    from hf_codistill.recipes.images import ImageTransform
 
     images = load_digits_dataset()["validation"].select(range(32))
     transform = ImageTransform([0.5], [0.5], 8, 1)
@@ -183,9 +186,9 @@ def test_models_from_a_pretrained_config_do_not_claim_pretrained_weights(tmp_pat
     random weights (`codistill_shared_init` unset) and the model card names no base model."""
     from transformers import AutoTokenizer, ViTConfig
 
-    from hf_codistill.image_pipeline import build_image_classifier
-    from hf_codistill.recipe_args import ModelArguments
-    from hf_codistill.text_pipeline import build_language_model
+    from hf_codistill.recipes.arguments import ModelArguments
+    from hf_codistill.recipes.images import build_image_classifier
+    from hf_codistill.recipes.text import build_language_model
 
     ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
               intermediate_size=32).save_pretrained(tmp_path / "vit")
@@ -213,7 +216,7 @@ def test_the_plain_baseline_resumes_from_its_last_complete_checkpoint(tmp_path):
     """Without `--codistill` a recipe resumes like Trainer, from the newest checkpoint, but not from one cut short
     (Trainer writes `trainer_state.json` last)."""
     from hf_codistill import CodistillTrainingArguments
-    from hf_codistill.recipe_utils import find_resume_checkpoint
+    from hf_codistill.recipes.workflow import find_resume_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         checkpoint = tmp_path / f"checkpoint-{step}"
@@ -228,7 +231,7 @@ def test_the_plain_baseline_resumes_from_its_last_complete_checkpoint(tmp_path):
 def test_causal_lm_blocks_keep_end_of_text_as_a_target():
     """GPT-2 pads with its end-of-text token, which `DataCollatorForLanguageModeling` then ignores wherever it is:
     blocks of concatenated text need no padding, so there it stays a target (documents separated by it)."""
-    from hf_codistill.text_pipeline import causal_lm_collator
+    from hf_codistill.recipes.text import causal_lm_collator
 
     tokenizer = gpt2_bpe_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
@@ -244,7 +247,7 @@ def test_causal_lm_blocks_keep_end_of_text_as_a_target():
 def test_shakespeare_speeches_go_on_after_a_stage_direction():
     """Theseus's first speech in A Midsummer Night's Dream continues after `_Exit PHILOSTRATE_`: the verse that
     follows names no speaker but is still his (6.6% of the verse was dropped when such blocks were skipped)."""
-    from hf_codistill.data import load_shakespeare
+    from hf_codistill.recipes.data import load_shakespeare
 
     plays = load_shakespeare()
     train = plays["train"]
@@ -264,3 +267,133 @@ def test_shakespeare_speeches_go_on_after_a_stage_direction():
     # Titles above the verse in the block itself: `EPILOGUE` / `SPOKEN BY PROSPERO` (The Tempest, validation).
     tempest = plays["validation"].filter(lambda row: row["play"] == "the-tempest")
     assert tempest[-1]["speaker"] == "PROSPERO" and tempest[-1]["text"].startswith("Now my charms are all o'erthrown")
+
+
+# ---- run_classification.py: all-MiniLM-L6-v2 with a fresh head on the BBC News articles -----------------------------
+
+CLASSIFY = RECIPES / "run_classification.py"
+BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
+CLASSIFY_ARGS = ["--do_train", "--do_eval", "--do_predict", "--report_to", "none", "--max_seq_length", "32",
+                 "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--save_strategy", "no"]
+
+
+def _check_classifier_folder(folder):
+    """A group's folder after `--do_train --do_eval --do_predict` on the BBC News default; returns its predictions."""
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert list(model.config.id2label.values()) == BBC_TOPICS and model.config.label2id["tech"] == 4
+    results, scored = (json.loads((folder / f"{split}_results.json").read_text()) for split in ("eval", "predict"))
+    assert all(0 <= results[f"eval_{key}"] <= 1 for key in ("accuracy", "f1", "ensemble_f1", "agreement_mean"))
+    assert all(0 <= scored[f"predict_{key}"] <= 1 for key in ("accuracy", "f1")) and scored["predict_samples"] == 12
+    header, *rows = [line.split("\t") for line in (folder / "predict_results.txt").read_text().splitlines()]
+    assert header == ["index", "prediction"] and [int(index) for index, _ in rows] == list(range(12))
+    card = (folder / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "| data | bbc_news (built in" in card
+    return [label for _, label in rows]
+
+
+@pytest.mark.parametrize("launched", [True, False], ids=["launched", "one_process"])
+def test_classification_codistilled(launched, tmp_path):
+    """2 groups x 2 gloo processes (each group's first process writes its group's predictions), or no launcher (both
+    models in the process): every group's folder has its model, its scores and its own model's predictions."""
+    out = tmp_path / "out"
+    args = [*CLASSIFY_ARGS, "--max_steps", "4", "--max_train_samples", "32", "--max_eval_samples", "16",
+            "--max_predict_samples", "12", "--codistill", "--codistill_sync_every", "2", "--output_dir", str(out)]
+    if launched:
+        output = launch(CLASSIFY, 4, args, None)
+    else:
+        proc = subprocess.run([sys.executable, str(CLASSIFY), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "One process: training all 2 codistilled models in it." in (output := proc.stdout + proc.stderr)
+    assert "Training data: bbc_news (built in, offline)" in output and not (out / "predict_results.txt").exists()
+    predicted = [_check_classifier_folder(out / f"group_{g}") for g in (0, 1)]
+    for split, key in (("eval", "eval_f1"), ("predict", "predict_accuracy")):  # each model's own, in its folder
+        results = [json.loads((out / f"group_{g}" / f"{split}_results.json").read_text()) for g in (0, 1)]
+        assert launched or results[1][key] == results[0][f"group_1/{key}"]
+    texts = load_bbc_news()["test"][:12]["text"]  # re-predicted with each saved model: each file has its model's
+    enc = AutoTokenizer.from_pretrained(out)(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")
+    for group in (0, 1):
+        with torch.no_grad():
+            ids = AutoModelForSequenceClassification.from_pretrained(out / f"group_{group}")(**enc).logits.argmax(-1)
+        assert predicted[group] == [BBC_TOPICS[i] for i in ids.tolist()]
+
+
+def _write_csv(path, header, rows):
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return str(path)
+
+
+def test_classification_from_files_plain_trainer(tmp_path):
+    """CSV files, string labels, two text columns, a test file without labels: plain `Trainer`, predictions in
+    `output_dir`, no scores for the unlabelled test examples."""
+    rows = ["Rates,The bank raised rates,business", "Cup,We won the cup,sport", "Phone,A new phone,tech"] * 4
+    files = [_write_csv(tmp_path / f"{split}.csv", "title,body,topic", rows) for split in ("train", "validation")]
+    test = _write_csv(tmp_path / "test.csv", "title,body", ["Goal,A late goal won it", "Chips,A faster chip"])
+    proc = subprocess.run([sys.executable, str(CLASSIFY), *CLASSIFY_ARGS, "--max_steps", "2", "--use_cpu",
+                           "--train_file", files[0], "--validation_file", files[1], "--test_file", test,
+                           "--text_column_names", "title,body", "--label_column_name", "topic", "--output_dir",
+                           str(out := tmp_path / "plain")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "3 classes: business, sport, tech; text: title + body" in proc.stdout + proc.stderr
+    assert json.loads((out / "eval_results.json").read_text())["eval_f1"] >= 0
+    lines = (out / "predict_results.txt").read_text().splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[1] in ("business", "sport", "tech") for line in lines[1:])
+    assert not (out / "predict_results.json").exists() and not (out / "group_0").exists()
+
+
+def _load_classification(do_eval=False, do_predict=False, **arguments):
+    from hf_codistill.recipes.arguments import ClassificationDataArguments
+    from hf_codistill.recipes.classification import load_classification_data
+
+    return load_classification_data(ClassificationDataArguments(**arguments), do_eval=do_eval, do_predict=do_predict)
+
+
+def test_classification_data_and_its_errors(tmp_path, monkeypatch):
+    data = _load_classification(dataset_name="bbc_news", do_eval=True, do_predict=True)  # the built-in default
+    assert data.labels == BBC_TOPICS and data.text_columns == ["text"] and len(data.labelled) == 3
+    assert {split: len(rows) for split, rows in data.raw.items()} == {"train": 1779, "validation": 223, "test": 223}
+    assert [list(data.raw["test"]["label"]).count(label) for label in range(5)] == [51, 39, 42, 51, 40]
+    assert list(data.raw["test"]["text"]) == list(load_bbc_news()["test"]["text"])  # the same split every time
+    assert len(set(data.raw["train"]["label"][:10])) > 1  # shuffled: a prefix mixes the topics
+    header = "title,body,topic"
+    train = _write_csv(tmp_path / "train.csv", header, ["Rates rise,Rates rose,business", "Cup final,We won,sport"])
+    music = _write_csv(tmp_path / "validation.csv", header, ["Gig,The band played,music"])
+    (tmp_path / "empty.csv").write_text("")
+    columns, topic = r"\(columns: title, body, topic\)", {"train_file": train, "label_column_name": "topic"}
+    data = _load_classification(**topic, text_column_names="title, body")
+    assert data.labels == ["business", "sport"] and data.text_columns == ["title", "body"]
+    for arguments, refusal in [
+        ({"train_file": train, "text_column_names": "title"},
+         rf"Column 'label' is not in `--train_file` '.*train.csv' {columns}.*--label_column_name"),
+        ({**topic, "text_column_names": "headline,body"}, rf"Column 'headline' is not in .*{columns}.*--text_column"),
+        (topic, rf"no `text` or `sentence` column {columns}.*--text_column_names"),
+        ({**topic, "validation_file": music, "text_column_names": "title", "do_eval": True},
+         r"Label 'music' in `--validation_file` '.*validation.csv' is not among the labels of the training data "
+         r"\('business', 'sport'\)"),
+        ({**topic, "test_file": str(tmp_path / "empty.csv"), "text_column_names": "title", "do_predict": True},
+         "`--test_file` '.*empty.csv' is empty"),
+        ({**topic, "validation_file": _write_csv(tmp_path / "header.csv", header, []), "text_column_names": "title",
+          "do_eval": True}, "`--validation_file` '.*header.csv' has no examples"),
+        ({"train_file": "train.txt"}, r"`--train_file` 'train.txt' must be a .csv, .json or .jsonl file"),
+        ({**topic, "text_column_names": "title", "do_predict": True}, "`--do_predict` needs test examples: give"),
+        ({**topic, "train_file": _write_csv(tmp_path / "unlabelled.csv", header, ["Rates,Up,"]),
+          "text_column_names": "title"}, "1 example of `--train_file` '.*unlabelled.csv' has no label in column"),
+    ]:
+        with pytest.raises(ValueError, match=refusal):
+            _load_classification(**arguments)
+    monkeypatch.setattr("hf_codistill.recipes.data.load_dataset", lambda *args, **kwargs: 1 / 0)  # no network
+    with pytest.raises(ValueError, match="Could not load the data set 'bbc_new'.*Built in and offline: bbc_news"):
+        _load_classification(dataset_name="bbc_new")
+
+
+def test_shipped_f1_matches_scikit_learn():
+    import evaluate
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    f1, rng = evaluate.load(metric_path("f1")), np.random.default_rng(0)
+    predictions, references, weights = rng.integers(0, 5, 40), rng.integers(0, 4, 40), rng.random(40)
+    for average in ("micro", "macro", "weighted"):
+        ours = f1.compute(predictions=predictions, references=references, average=average, sample_weight=weights)
+        assert ours["f1"] == pytest.approx(f1_score(references, predictions, average=average, sample_weight=weights))
+    with pytest.raises(ValueError, match="average='macro'"):  # Hub's default, "binary", on five classes
+        f1.compute(predictions=predictions, references=references)

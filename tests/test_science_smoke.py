@@ -6,7 +6,11 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, clean_env
+
+pytestmark = pytest.mark.slow
 
 STUDY = REPO / "benchmarks" / "science" / "run_study.py"
 

@@ -174,7 +174,7 @@ def free_port() -> int:
 
 
 def minilm_path() -> str:
-    from hf_codistill.data import minilm_path as path
+    from hf_codistill.recipes.data import minilm_path as path
 
     return path()
 

@@ -36,6 +36,7 @@ def checksum(model):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--num_groups", type=int, default=2)
+    parser.add_argument("--ring_only", action="store_true", help="record the bounded (m = 1) peer set only")
     parser.add_argument("--x-results", dest="results")
     args = parser.parse_args()
     topology = init_groups(args.num_groups)
@@ -44,6 +45,18 @@ def main():
     record = {"world_rank": topology.world_rank, "group_index": topology.group_index,
               "group_size": topology.group_size, "own": checksum(model),
               "model_bytes": sum(t.numel() * t.element_size() for t in exchanged_tensors(model).values())}
+    # A bounded peer set: each group holds and fetches only the next group's model (m = 1), sharded or not.
+    record["ring"] = {}
+    for sharded in (True, False):
+        peers = PeerCopies(model, topology, sharded=sharded, num_peers=1)
+        peers.exchange(model, step=0)
+        peers.exchange(model, step=1)  # twice: messages of successive exchanges must not mix
+        record["ring"]["sharded" if sharded else "unsharded"] = {
+            "peers": {g: checksum(p) for g, p in peers.peers.items()}, "readers": peers.readers,
+            "bytes_sent": peers.bytes_sent, "bytes_received": peers.bytes_received,
+        }
+    if args.ring_only:
+        return _write(record, args.results, topology.world_rank)
     for sharded in (True, False):
         peers = PeerCopies(model, topology, sharded=sharded)
         peers.exchange(model, step=0)
@@ -86,7 +99,11 @@ def main():
         record["transposed"] = "accepted"
     except ValueError as error:
         record["transposed"] = str(error)
-    with open(os.path.join(args.results, f"rank{topology.world_rank}.json"), "w") as f:
+    _write(record, args.results, topology.world_rank)
+
+
+def _write(record, results, world_rank):
+    with open(os.path.join(results, f"rank{world_rank}.json"), "w") as f:
         json.dump(record, f)
 
 

@@ -61,6 +61,10 @@ def tiny_vit():
     return ViTForImageClassification(config)
 
 
+def accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
 def checksum(tensors):
     flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors])
     return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum())
@@ -124,6 +128,8 @@ def main():
             return {"score": float(trainer.state.global_step * (1 if trainer.group_index == 0 else -1))}
 
         trainer_kwargs["compute_metrics"] = scores
+    if options.get("accuracy") == "1":
+        trainer_kwargs["compute_metrics"] = accuracy
     if options.get("stream") == "1":
         def collate(features):
             indices = [int(feature.pop("index")) for feature in features if "index" in feature]
@@ -138,8 +144,13 @@ def main():
     if "stop_group_one_at" in options:
         trainer.add_callback(StopGroupOne(trainer, int(options["stop_group_one_at"])))
     resume = options.get("resume")
-    trainer.train(resume_from_checkpoint={"true": True, None: None}.get(resume, resume))
+    if options.get("eval_only") != "1":
+        trainer.train(resume_from_checkpoint={"true": True, None: None}.get(resume, resume))
     metrics = trainer.evaluate()
+    metrics_without_compute_metrics = None
+    if options.get("eval_only") == "1":
+        trainer.compute_metrics = None
+        metrics_without_compute_metrics = trainer.evaluate()
     if options.get("save") == "1":
         trainer.save_model()
     rank = int(os.environ.get("CODISTILL_WORLD_RANK", os.environ.get("RANK", 0)))
@@ -153,6 +164,7 @@ def main():
         "steps": recorder.steps,
         "log_history": trainer.state.log_history,
         "eval": metrics,
+        "eval_without_compute_metrics": metrics_without_compute_metrics,
         "seen": seen,
         "timeout_s": trainer.topology.timeout.total_seconds() if getattr(trainer, "topology", None) else None,
     }

@@ -1,11 +1,14 @@
 """Accuracy as an `evaluate` module shipped with hf_codistill, so it loads offline by path."""
 
 import datasets
-import evaluate
 import numpy as np
 
-_DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference label."
-_KWARGS_DESCRIPTION = """
+from hf_codistill.metrics import shipped
+
+
+class Accuracy(shipped.ShippedMetric):
+    DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference label."
+    INPUTS = """
 Args:
     predictions (`list[int]`): predicted labels.
     references (`list[int]`): ground-truth labels.
@@ -14,19 +17,7 @@ Args:
 Returns:
     accuracy (`float`)
 """
-
-
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Accuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-        )
+    FEATURES = {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         correct = (np.asarray(predictions) == np.asarray(references)).astype(np.float64)

@@ -4,13 +4,15 @@ Prediction churn (Anil et al. 2018) is 1 - agreement.
 """
 
 import datasets
-import evaluate
 import numpy as np
 
+from hf_codistill.metrics import shipped
 from hf_codistill.peer_metrics import top1_agreement
 
-_DESCRIPTION = "Agreement: the fraction of positions where two models' top-1 predictions match, per pair and mean."
-_KWARGS_DESCRIPTION = """
+
+class Agreement(shipped.ShippedMetric):
+    DESCRIPTION = "Agreement: the fraction of positions where two models' top-1 predictions match, per pair and mean."
+    INPUTS = """
 Args:
     predictions (`list[list[int]]`): one row per evaluated position, holding the top-1 class id of every model
         (e.g. `np.stack([preds_model_0, preds_model_1], axis=1)`).
@@ -19,19 +21,8 @@ Args:
 Returns:
     agreement_<i>_<j> (`float`) for every pair i < j, and agreement_mean (`float`).
 """
-
-
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class Agreement(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("int64"))}),
-        )
+    FEATURES = {"predictions": datasets.Sequence(datasets.Value("int64"))}
 
     def _compute(self, predictions, labels=None):
         per_model = np.asarray(predictions, dtype=np.int64).T
-        mask = None if labels is None else np.asarray(labels) != -100
-        return top1_agreement(list(per_model), mask)
+        return top1_agreement(list(per_model), shipped.counted(labels))

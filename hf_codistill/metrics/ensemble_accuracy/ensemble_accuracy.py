@@ -1,14 +1,16 @@
 """Accuracy of the mean-probability ensemble of several models, as an `evaluate` module shipped with hf_codistill."""
 
 import datasets
-import evaluate
 import numpy as np
 import torch
 
+from hf_codistill.metrics import shipped
 from hf_codistill.peer_metrics import ensemble_logits
 
-_DESCRIPTION = "Ensemble accuracy: the accuracy of the argmax of the models' mean softmax probabilities."
-_KWARGS_DESCRIPTION = """
+
+class EnsembleAccuracy(shipped.ShippedMetric):
+    DESCRIPTION = "Ensemble accuracy: the accuracy of the argmax of the models' mean softmax probabilities."
+    INPUTS = """
 Args:
     predictions (`list[list[list[float]]]`): one entry per example holding every model's logits, shape
         (num_models, num_classes) (e.g. `np.stack([logits_model_0, logits_model_1], axis=1)`).
@@ -16,26 +18,13 @@ Args:
 Returns:
     ensemble_accuracy (`float`)
 """
-
-
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class EnsembleAccuracy(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                    "references": datasets.Value("int64"),
-                }
-            ),
-        )
+    FEATURES = {
+        "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+        "references": datasets.Value("int64"),
+    }
 
     def _compute(self, predictions, references):
         per_model = torch.as_tensor(np.asarray(predictions, dtype=np.float32)).transpose(0, 1)
         ensemble = ensemble_logits(list(per_model)).argmax(-1).numpy()
         references = np.asarray(references)
-        counted = references != -100
-        return {"ensemble_accuracy": float((ensemble == references)[counted].mean())}
+        return {"ensemble_accuracy": float((ensemble == references)[shipped.counted(references)].mean())}

@@ -7,31 +7,27 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTConfig
 
-from .data import BUILTIN_IMAGE_DATASETS, load_hub_dataset
-from .recipe_args import ImageDataArguments, ModelArguments
+from .arguments import ImageDataArguments, ModelArguments
+from .data import BUILTIN_IMAGE_DATASETS, load_raw_datasets
 
 
 def load_image_data(data_args: ImageDataArguments, model_args: ModelArguments, seed: int,
                     needs_validation: bool) -> tuple[DatasetDict, str]:
     """`train`/`validation` splits and where they came from: an imagefolder, a built-in set, or the Hub."""
+    files = {}
     if data_args.train_dir is not None:
-        files = {"train": os.path.join(data_args.train_dir, "**")}
+        files["train"] = os.path.join(data_args.train_dir, "**")
         if data_args.validation_dir is not None:
             files["validation"] = os.path.join(data_args.validation_dir, "**")
-        raw, description = load_dataset("imagefolder", data_files=files, cache_dir=model_args.cache_dir), "imagefolder"
-    else:
-        name = data_args.dataset_name or "digits"
-        if name in BUILTIN_IMAGE_DATASETS:
-            raw, description = BUILTIN_IMAGE_DATASETS[name](), f"{name} (built in, offline)"
-        else:
-            raw = load_hub_dataset(name, data_args.dataset_config_name, BUILTIN_IMAGE_DATASETS,
-                                   "an imagefolder with `--train_dir`", cache_dir=model_args.cache_dir,
-                                   token=model_args.token)
-            description = name
+    raw, description = load_raw_datasets(
+        data_args.dataset_name, data_args.dataset_config_name, builtin=BUILTIN_IMAGE_DATASETS, default="digits",
+        local_hint="an imagefolder with `--train_dir`", cache_dir=model_args.cache_dir, token=model_args.token,
+        builder="imagefolder", data_files=files, files_description="imagefolder",
+    )
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in raw["train"].column_names:
             raise ValueError(

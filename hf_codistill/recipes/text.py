@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from itertools import chain
 
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -15,38 +15,39 @@ from transformers import (
     default_data_collator,
 )
 
-from .compat import align_loss_accounting
-from .data import BUILTIN_TEXT_DATASETS, load_hub_dataset
-from .recipe_args import ModelArguments, TextDataArguments
+from ..compat import align_loss_accounting
+from .arguments import ModelArguments, TextDataArguments
+from .data import BUILTIN_TEXT_DATASETS, load_raw_datasets
 
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_SEQ_LENGTH = 1024
 
 
-def load_text_data(data_args: TextDataArguments, model_args: ModelArguments, seed: int) -> tuple[DatasetDict, str]:
-    """The raw text as `train`/`validation` splits, and a description of where it came from (for logs and cards)."""
-    if data_args.train_file is not None or data_args.validation_file is not None:
-        files = {split: path for split, path in (("train", data_args.train_file),
-                                                 ("validation", data_args.validation_file)) if path is not None}
-        extension = next(iter(files.values())).rsplit(".", 1)[-1]
-        builder = {"txt": "text", "jsonl": "json"}.get(extension, extension)
-        raw = load_dataset(builder, data_files=files, cache_dir=model_args.cache_dir)
-        description = ", ".join(files.values())
-    else:
-        name = data_args.dataset_name or "shakespeare"
-        if name in BUILTIN_TEXT_DATASETS:
-            raw, description = BUILTIN_TEXT_DATASETS[name](), f"{name} (built in, offline)"
-        else:
-            raw = load_hub_dataset(name, data_args.dataset_config_name, BUILTIN_TEXT_DATASETS,
-                                   "local files with `--train_file`", cache_dir=model_args.cache_dir,
-                                   token=model_args.token)
-            config_name = data_args.dataset_config_name
-            description = name if config_name is None else f"{name} ({config_name})"
+def load_text_data(data_args: TextDataArguments, model_args: ModelArguments, seed: int,
+                   needs_validation: bool = False) -> tuple[DatasetDict, str]:
+    """The raw text as `train`/`validation` splits, and a description of where it came from (for logs and cards).
+
+    Refuses data left without a validation split when `needs_validation` (`--do_eval`), and data without the text
+    column (`text_column_of`).
+    """
+    files = {split: path for split, path in (("train", data_args.train_file),
+                                             ("validation", data_args.validation_file)) if path is not None}
+    extension = next(iter(files.values())).rsplit(".", 1)[-1] if files else None
+    raw, description = load_raw_datasets(
+        data_args.dataset_name, data_args.dataset_config_name, builtin=BUILTIN_TEXT_DATASETS, default="shakespeare",
+        local_hint="local files with `--train_file`", cache_dir=model_args.cache_dir, token=model_args.token,
+        builder={"txt": "text", "jsonl": "json"}.get(extension, extension), data_files=files,
+        files_description=", ".join(files.values()),
+    )
     if "train" not in raw:
         raise ValueError(f"The data has no `train` split (splits: {', '.join(raw)}); give `--train_file`.")
     if "validation" not in raw:
         raw = hold_out_validation(raw, data_args.validation_split_percentage, seed)
+    if needs_validation and "validation" not in raw:
+        raise ValueError("`--do_eval` needs a validation split: give `--validation_file` or a "
+                         "`--validation_split_percentage` above 0.")
+    text_column_of(raw, data_args)
     return raw, description
 
 
@@ -59,6 +60,7 @@ def hold_out_validation(raw: DatasetDict, percentage: int, seed: int) -> Dataset
 
 
 def text_column_of(raw: DatasetDict, data_args: TextDataArguments) -> str:
+    """`--text_column_name` (which must be a column), else `text`, else the first column."""
     columns = raw["train"].column_names
     if data_args.text_column_name is not None:
         if data_args.text_column_name not in columns:
@@ -125,8 +127,10 @@ def check_tokenizer_fits_model(tokenizer: PreTrainedTokenizerBase, model: PreTra
 
 
 def prepare_lm_datasets(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data_args: TextDataArguments,
-                        training_args, text_column: str) -> DatasetDict:
-    """Tokenise, then either keep one example per row (`--line_by_line`) or concatenate and cut into blocks."""
+                        training_args) -> DatasetDict:
+    """Tokenise the text column, then either keep one example per row (`--line_by_line`) or concatenate and cut
+    into blocks."""
+    text_column = text_column_of(raw, data_args)
     max_seq_length = min(data_args.max_seq_length or MAX_DEFAULT_SEQ_LENGTH, tokenizer.model_max_length)
     if data_args.max_seq_length is not None and max_seq_length < data_args.max_seq_length:
         logger.warning(f"`--max_seq_length` {data_args.max_seq_length} exceeds the tokenizer's maximum; using "
@@ -171,7 +175,3 @@ def _blocks_as_their_own_labels(features: list[dict]) -> dict:
     batch = default_data_collator(features)
     batch["labels"] = batch["input_ids"].clone()
     return batch
-
-
-def truncate(dataset, max_samples: int | None):
-    return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))

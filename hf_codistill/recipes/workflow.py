@@ -1,4 +1,5 @@
-"""What every recipe does the same way: parse arguments, log, resume, score, train and evaluate, publish."""
+"""What every recipe does the same way: parse arguments and set up logging, build the models, pick the splits,
+score, resume, train and evaluate, publish."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from .checkpointing import checkpoint_folders, get_last_checkpoint, group_dir
-from .config import CodistillTrainingArguments
-from .metrics import metric_path
-from .topology import launched_world_size
+from ..checkpointing import checkpoint_folders, get_last_checkpoint, group_dir
+from ..config import CodistillTrainingArguments
+from ..metrics import metric_path
+from ..topology import launched_world_size
+from .data import MINILM_HUB_ID, minilm_path
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,16 @@ def parse_recipe_args(*dataclass_types):
     if len(sys.argv) == 2 and sys.argv[1].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(yaml_file=os.path.abspath(sys.argv[1]))
     return parser.parse_args_into_dataclasses()
+
+
+def start_recipe(*dataclass_types):
+    """A recipe's opening: its arguments parsed (`parse_recipe_args`), then logging set up (`setup_logging`).
+
+    Returns an instance of each of `dataclass_types`, then the `CodistillTrainingArguments`.
+    """
+    *parsed, training_args = parse_recipe_args(*dataclass_types)
+    setup_logging(training_args)
+    return (*parsed, training_args)
 
 
 def setup_logging(training_args: CodistillTrainingArguments) -> None:
@@ -54,6 +66,18 @@ def setup_logging(training_args: CodistillTrainingArguments) -> None:
     )
 
 
+def default_to_minilm(model_args, what: str) -> str | None:
+    """With no model given, start from the built-in pre-trained all-MiniLM-L6-v2 (`what` says how, for the log).
+
+    Returns the name the model card gives as the base model: the Hub model, not this machine's copy of it.
+    """
+    if model_args.model_name_or_path is not None or model_args.config_name is not None:
+        return model_args.model_name_or_path
+    model_args.model_name_or_path = str(minilm_path())
+    logger.info(f"No model given: {what} all-MiniLM-L6-v2 ({model_args.model_name_or_path})")
+    return MINILM_HUB_ID
+
+
 def build_models(training_args: CodistillTrainingArguments, build):
     """This process's model, `build()` under its group's seed (seed + group, so groups start from different random
     weights unless the model is pre-trained).
@@ -70,6 +94,18 @@ def build_models(training_args: CodistillTrainingArguments, build):
         return models
     set_seed(training_args.group_seed)
     return build()
+
+
+def select_splits(datasets, data_args, training_args: CodistillTrainingArguments):
+    """(train, eval) data sets: the `train` split with `--do_train` and the `validation` split with `--do_eval`
+    (else None), each cut to `--max_train_samples` / `--max_eval_samples`."""
+    train = truncate(datasets["train"], data_args.max_train_samples) if training_args.do_train else None
+    evaluation = truncate(datasets["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+    return train, evaluation
+
+
+def truncate(dataset, max_samples: int | None):
+    return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
 
 
 def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | None:
@@ -93,13 +129,19 @@ def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | N
     return checkpoint
 
 
-def classification_metrics():
-    """`compute_metrics` scoring top-1 accuracy of class logits, with the shipped offline `accuracy` module."""
+def classification_metrics(macro_f1: bool = False):
+    """`compute_metrics` scoring top-1 accuracy of class logits, with the shipped offline `accuracy` module; with
+    `macro_f1` also the F1 averaged over the classes (`f1`, the shipped `f1` module with `average="macro"`)."""
     accuracy = evaluate.load(metric_path("accuracy"))
+    f1 = evaluate.load(metric_path("f1")) if macro_f1 else None
 
     def compute_metrics(prediction):
-        return accuracy.compute(predictions=np.argmax(prediction.predictions, axis=-1),
-                                references=prediction.label_ids)
+        logits = prediction.predictions
+        predictions = np.argmax(logits[0] if isinstance(logits, tuple) else logits, axis=-1)
+        metrics = accuracy.compute(predictions=predictions, references=prediction.label_ids)
+        if f1 is not None:
+            metrics.update(f1.compute(predictions=predictions, references=prediction.label_ids, average="macro"))
+        return metrics
 
     return compute_metrics
 
@@ -127,23 +169,24 @@ def token_metrics(causal: bool):
     return compute_metrics, preprocess_logits_for_metrics
 
 
-def train_and_evaluate(trainer, training_args: CodistillTrainingArguments, num_train: int | None,
-                       num_eval: int | None, perplexity: bool = False) -> dict[str, float]:
-    """Train (resuming if a checkpoint is there), save, evaluate; log and save metrics like transformers' examples.
+def train_and_evaluate(trainer, training_args: CodistillTrainingArguments, train_dataset=None, eval_dataset=None,
+                       perplexity: bool = False) -> dict[str, float]:
+    """Train (resuming if a checkpoint is there), save, evaluate; log and save metrics like transformers' examples,
+    with the number of examples in `train_dataset` / `eval_dataset` (the trainer's, from `select_splits`).
 
     Returns the evaluation metrics (empty without `--do_eval`).
     """
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(training_args))
         trainer.save_model()
-        metrics = {**result.metrics, "train_samples": num_train}
+        metrics = {**result.metrics, "train_samples": len(train_dataset or [])}
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     metrics = {}
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = num_eval
+        metrics["eval_samples"] = len(eval_dataset or [])
         if perplexity:  # of this model, and of each model in the one-process mode (`group_<g>/eval_loss`)
             for key in [key for key in metrics if key == "eval_loss" or key.endswith("/eval_loss")]:
                 loss = metrics[key]

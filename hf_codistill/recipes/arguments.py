@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 
 def _check_sample_limits(data_args) -> None:
-    for name in ("max_train_samples", "max_eval_samples"):
-        value = getattr(data_args, name)
+    for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        value = getattr(data_args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"`--{name}` is {value}; give a positive number of examples, or leave it unset for all.")
 
@@ -132,3 +132,55 @@ class ImageDataArguments:
 
     def __post_init__(self):
         _check_sample_limits(self)
+
+
+CLASSIFICATION_FILE_TYPES = ("csv", "json", "jsonl")
+
+
+@dataclass
+class ClassificationDataArguments:
+    """Which labelled text to train on, which columns hold the text and the label, and how much of it."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub data set, or `bbc_news` (built in, offline). With no data argument: bbc_news."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
+    train_file: str | None = field(default=None, metadata={"help": "Training examples: a .csv or .json(l) file."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation examples, same formats."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Examples to predict (`--do_predict`), same formats; labels optional."}
+    )
+    text_column_names: str | None = field(
+        default=None,
+        metadata={"help": "Column(s) holding the text, comma-separated (joined with a space); defaults to `text`, "
+                  "else `sentence`."},
+    )
+    label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    max_seq_length: int = field(
+        default=128, metadata={"help": "Tokens per example: longer texts are truncated (capped at the tokenizer's)."}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached tokenised data."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set (debugging)."})
+    max_predict_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the test set that `--do_predict` predicts (debugging)."}
+    )
+
+    def __post_init__(self):
+        if self.max_seq_length < 1:
+            raise ValueError(f"`--max_seq_length` is {self.max_seq_length}; give a positive number of tokens.")
+        _check_sample_limits(self)
+        for name in ("train_file", "validation_file", "test_file"):
+            path = getattr(self, name)
+            if path is not None and path.rsplit(".", 1)[-1].lower() not in CLASSIFICATION_FILE_TYPES:
+                raise ValueError(f"`--{name}` {path!r} must be a .csv, .json or .jsonl file (one example per row, "
+                                 "with the text and label columns).")
+
+    @property
+    def text_columns(self) -> list[str] | None:
+        """`--text_column_names` as a list (None when unset)."""
+        if self.text_column_names is None:
+            return None
+        return [name.strip() for name in self.text_column_names.split(",") if name.strip()]
