@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -10,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .checkpointing import group_dir
 from .docstrings import help_from_docstring, parse_parameters
 from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
@@ -270,6 +272,23 @@ class CodistillTrainingArguments(TrainingArguments):
     def topology(self) -> GroupTopology | None:
         """The groups this process belongs to, or `None` when not launched on several processes."""
         return get_topology() if self.codistill else None
+
+    def for_group(self, group: int, reports: bool = True) -> CodistillTrainingArguments:
+        """The arguments as group `group`'s `Trainer` sees them: its own seed, output folder and Hub repository
+        (`reports=False`: no `report_to` integrations, for the groups world rank 0 reports for)."""
+        view = copy.copy(self)
+        view.seed = self.seed + group
+        if self.data_seed is not None:
+            view.data_seed = self.data_seed + group
+        view.output_dir = group_dir(self.output_dir, group)
+        # Rotation waits until every group has written the newer checkpoint (`CodistillEngine.save_checkpoint`).
+        view.save_total_limit = None
+        if self.push_to_hub:
+            base = self.hub_model_id or os.path.basename(os.path.abspath(self.output_dir))
+            view.hub_model_id = f"{base}-group-{group}"
+        if not reports:
+            view.report_to = []
+        return view
 
     @property
     def should_save(self) -> bool:

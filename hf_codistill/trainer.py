@@ -7,7 +7,6 @@ processes, peers exchanged over `torch.distributed`. Given a list of models it b
 
 from __future__ import annotations
 
-import copy
 import os
 
 import datasets
@@ -32,23 +31,6 @@ from .step_metrics import InitialParameters, ParameterDistanceCallback
 from .topology import GroupTopology, get_topology
 
 logger = logging.get_logger(__name__)
-
-
-def group_view_of(args: CodistillTrainingArguments, group: int, reports: bool = True) -> CodistillTrainingArguments:
-    """The arguments as group `group`'s `Trainer` sees them: its own seed, output folder and Hub repository."""
-    view = copy.copy(args)
-    view.seed = args.seed + group
-    if args.data_seed is not None:
-        view.data_seed = args.data_seed + group
-    view.output_dir = group_dir(args.output_dir, group)
-    # Rotation waits until every group has written the newer checkpoint (`CodistillEngine.save_checkpoint`).
-    view.save_total_limit = None
-    if args.push_to_hub:
-        base = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        view.hub_model_id = f"{base}-group-{group}"
-    if not reports:
-        view.report_to = []
-    return view
 
 
 class CodistillTrainer(Trainer):
@@ -89,7 +71,7 @@ class CodistillTrainer(Trainer):
             if model is not None:
                 align_loss_accounting(model)
             self.codistill_root = args.output_dir
-            args = group_view_of(args, self.group_index, reports=self.topology is None or self.topology.is_world_zero)
+            args = args.for_group(self.group_index, reports=self.topology is None or self.topology.is_world_zero)
         super().__init__(model, args, *a, **kw)
         self._add_weight_decay_schedule()
         if not self.codistilling:

@@ -7,6 +7,7 @@ import pytest
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, Trainer
 
 from hf_codistill import OneProcessCodistillTrainer, compat
+from hf_codistill.one_process_saving import PerModelSaving
 from hf_codistill.trainer import CodistillTrainer
 
 
@@ -19,7 +20,7 @@ def test_every_private_hook_exists_with_the_parameters_used(name):
 
 def test_the_table_names_every_private_trainer_method_the_drivers_override():
     overridden = {
-        name for cls in (CodistillTrainer, OneProcessCodistillTrainer) for name in vars(cls)
+        name for cls in (CodistillTrainer, OneProcessCodistillTrainer, PerModelSaving) for name in vars(cls)
         if name.startswith("_") and not name.startswith("__") and hasattr(Trainer, name)
     }
     assert overridden <= set(compat.PRIVATE_TRAINER_HOOKS)
