@@ -17,7 +17,6 @@ class PerModelSaving:
     """Trainer's saving and loading for each of the models of a one-process trainer (mixed in before the trainer's
     class, which provides `num_groups`, `_active_group` and `_for_model`)."""
 
-
     def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
         """`<split>_results.json` in every model's folder, as each group writes its own in the launched mode.
 
