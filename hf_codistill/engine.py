@@ -226,13 +226,15 @@ class CodistillEngine(TrainerCallback):
 
         @contextmanager
         def context():
-            was_training = peer.training
-            peer.eval()
+            live = peer.training  # frozen copies stay in eval mode: no walk over their modules per forward
+            if live:
+                peer.eval()
             try:
                 with torch.no_grad(), self.autocast():
                     yield
             finally:
-                peer.train(was_training)
+                if live:
+                    peer.train()
 
         return context
 
