@@ -86,6 +86,12 @@ def read_state(checkpoint: str) -> dict:
         return json.load(f)
 
 
+def last_complete_step(group_root: str) -> int | None:
+    """The last step one group checkpointed completely (groups launched apart resume from their own), or None."""
+    steps = _complete_steps(group_root)
+    return max(steps) if steps else None
+
+
 def get_last_checkpoint(root: str, num_groups: int | None = None) -> int | None:
     """The last step that every group checkpointed completely under `root`, or `None`.
 
@@ -104,10 +110,15 @@ def get_last_checkpoint(root: str, num_groups: int | None = None) -> int | None:
     return max(common) if common else None
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, root: str, group: int, num_groups: int) -> str:
-    """This group's checkpoint to resume from, given `True` (the last complete step) or any group's checkpoint path."""
+def resolve_resume_checkpoint(resume_from_checkpoint: str | bool, root: str, group: int, num_groups: int,
+                              alone: bool = False) -> str:
+    """This group's checkpoint to resume from, given `True` (the last step every group completed; with `alone`, the
+    last this group completed, for groups launched apart) or any group's checkpoint path."""
     if resume_from_checkpoint is True:
-        step = get_last_checkpoint(root, num_groups)
+        if alone:
+            step = last_complete_step(group_dir(root, group))
+        else:
+            step = get_last_checkpoint(root, num_groups)
         if step is None:
             raise ValueError(f"No complete codistillation checkpoint found in {root}.")
     else:

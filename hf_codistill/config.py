@@ -22,7 +22,8 @@ DISTILLATION_LOSSES = ("kl", "ce", "mse")
 PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The docstring sections of `CodistillTrainingArguments` whose options act only on codistilled groups, and those whose
 # options also serve the all-reduce baseline. `CODISTILL_ONLY_OPTIONS` is derived from them below the class.
-_CODISTILL_ONLY_SECTIONS = ("Parameters that control codistillation", "Parameters that control the peer exchange")
+_CODISTILL_ONLY_SECTIONS = ("Parameters that control codistillation", "Parameters that control the peer exchange",
+                            "Parameters that let groups be launched apart")
 _BASELINE_SECTIONS = ("Parameters that account for codistillation's regularisation",)
 
 
@@ -144,6 +145,28 @@ class CodistillTrainingArguments(TrainingArguments):
             m, how many peers each group distils from: the next m groups on a ring (g+1 ... g+m mod G). A group then
             holds and fetches only those m models, so peer memory and exchange bytes scale with m instead of G - 1
             (many groups). Evaluation still scores the ensemble and agreement of all G models. Unset: all G - 1.
+
+    Parameters that let groups be launched apart (each its own launch; they meet only through a peer store):
+        codistill_peer_store (`str`, *optional*):
+            A directory on a shared file system, or an fsspec URL (`s3://...`, `gs://...`, `hf://...`), where each
+            group publishes its model every `codistill_sync_every` steps and reads its peers' newest versions
+            (`hf_codistill.peer_store`). Each launch is then one group: its processes are the group's ranks, and it
+            never waits for the others, so a group may fail, restart, lag or run elsewhere. Peers are as stale as
+            the store makes them. Unset: one launch holds every group and peers are exchanged collectively.
+        codistill_group_index (`int`, *optional*):
+            Which group this launch is (0 ... num_groups - 1), with `codistill_peer_store`. Unset: the Slurm array
+            task (`SLURM_ARRAY_TASK_ID` - `SLURM_ARRAY_TASK_MIN`), so that a job array runs one group per task.
+        codistill_peer_max_age_steps (`int`, *optional*):
+            With a peer store: a peer whose newest version is more than this many steps behind this group leaves the
+            distillation term (and the evaluation's ensemble) until it publishes a newer one. Unset: no step bound.
+        codistill_peer_max_age_seconds (`float`, *optional*):
+            With a peer store: the same bound in seconds since the peer published its newest version; the bound to
+            set when groups run at different speeds or may die. Unset: no time bound.
+        codistill_peer_wait_seconds (`float`, *optional*, defaults to `300.0`):
+            With a peer store and a shared initialisation: how long groups other than 0 wait for group 0's initial
+            weights before failing. Nothing else ever waits for a peer.
+        codistill_peer_store_keep (`int`, *optional*, defaults to `2`):
+            With a peer store: how many of its newest versions each group keeps there (older ones are deleted).
     """
 
     # Each field's `help` is its entry in the docstring above (`help_from_docstring`).
@@ -168,6 +191,12 @@ class CodistillTrainingArguments(TrainingArguments):
     codistill_peer_dtype: str | None = field(default=None, metadata={"choices": list(PEER_DTYPES)})
     codistill_position_fraction: float = 1.0
     codistill_num_peers: int | None = None
+    codistill_peer_store: str | None = None
+    codistill_group_index: int | None = None
+    codistill_peer_max_age_steps: int | None = None
+    codistill_peer_max_age_seconds: float | None = None
+    codistill_peer_wait_seconds: float = 300.0
+    codistill_peer_store_keep: int = 2
 
     def __post_init__(self):
         self._check_codistill_arguments()
@@ -178,7 +207,7 @@ class CodistillTrainingArguments(TrainingArguments):
             self.use_cpu = True
         # The groups must exist before `TrainingArguments` sets up accelerate, which would otherwise join every
         # launched process into one data-parallel world.
-        if self.codistill and launched_world_size() > 1 and get_topology() is None:
+        if self.codistill and not self.codistill_peer_store and launched_world_size() > 1 and get_topology() is None:
             init_groups(self.num_groups, backend="gloo" if self.use_cpu else self.ddp_backend,
                         timeout=timedelta(seconds=self.ddp_timeout))
         super().__post_init__()
@@ -261,11 +290,39 @@ class CodistillTrainingArguments(TrainingArguments):
                 f"`codistill_num_peers` must be between 1 and num_groups - 1 = {self.num_groups - 1} (each group "
                 f"distils from the next m other groups), got {self.codistill_num_peers}; leave it unset for all."
             )
+        if self.codistill_peer_store:
+            self._check_peer_store_arguments()
+            return
         world_size = launched_world_size()
         if world_size > 1 and world_size % self.num_groups != 0:
             raise ValueError(
                 f"{world_size} launched processes cannot be split into `num_groups={self.num_groups}` equal groups: "
                 f"launch a multiple of {self.num_groups} processes or pick a `num_groups` that divides {world_size}."
+            )
+
+    def _check_peer_store_arguments(self) -> None:
+        if self.codistill_group_index is None:
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            if task is None:
+                raise ValueError(
+                    "`codistill_peer_store` makes each launch one group: say which with `--codistill_group_index g` "
+                    f"(0 ... {self.num_groups - 1}), or launch it as a Slurm job array (one group per array task)."
+                )
+            self.codistill_group_index = int(task) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        if not 0 <= self.codistill_group_index < self.num_groups:
+            raise ValueError(
+                f"`codistill_group_index` must be between 0 and num_groups - 1 = {self.num_groups - 1}, got "
+                f"{self.codistill_group_index}."
+            )
+        for name in ("codistill_peer_max_age_steps", "codistill_peer_max_age_seconds"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0 (or unset for no bound), got {getattr(self, name)}.")
+        if self.codistill_peer_store_keep < 1:
+            raise ValueError(f"`codistill_peer_store_keep` must be >= 1, got {self.codistill_peer_store_keep}.")
+        if self.codistill_overlap_exchange:
+            raise ValueError(
+                "`codistill_overlap_exchange` overlaps a collective exchange; with `codistill_peer_store`, groups "
+                "never wait for each other anyway. Drop one of the two."
             )
 
     @property
@@ -317,6 +374,8 @@ class CodistillTrainingArguments(TrainingArguments):
 
     @property
     def group_index(self) -> int:
+        if self.codistill and self.codistill_peer_store:
+            return self.codistill_group_index
         topology = self.topology
         return topology.group_index if topology is not None else 0
 

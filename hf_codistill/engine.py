@@ -54,6 +54,7 @@ class PeerSet(Protocol):
     """The peers a process distils from (`hf_codistill.exchange` documents the interface and its two kinds)."""
 
     dtype: torch.dtype | None
+    restores_from_checkpoint: bool
 
     def peers_of(self, group: int) -> dict[int, nn.Module]: ...
     def check_compatible(self) -> None: ...
@@ -150,8 +151,11 @@ class CodistillEngine(TrainerCallback):
         if resume:
             for group, checkpoint in resume.items():
                 reload_renamed_weights(self.models[group], checkpoint)
-                self.peers.load_state_dict(load_file(os.path.join(checkpoint, PEERS_NAME)))
+                if self.peers.restores_from_checkpoint:
+                    self.peers.load_state_dict(load_file(os.path.join(checkpoint, PEERS_NAME)))
             self.peers.load_checkpoint_state(read_state(resume[min(resume)]))
+            if not self.peers.restores_from_checkpoint:
+                self.peers.refresh(step)
             if self.args.logs_param_distance:
                 loaded = {group: InitialParameters.load(os.path.join(checkpoint, INIT_NAME))
                           for group, checkpoint in resume.items()}
@@ -194,7 +198,7 @@ class CodistillEngine(TrainerCallback):
         metrics = self.step_metrics[group]
         metrics.add("task_loss", loss / (1 if loss_is_scaled_for_ga else ga_steps))
         alpha = self.current_alpha(step)
-        if alpha > 0:
+        if alpha > 0 and self.peers.peers_of(group):  # groups launched apart may have no live peer for a while
             distill = self.distillation_term(group, student_logits, peer_inputs, labels)
             metrics.add("distill_loss", distill / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
@@ -282,7 +286,8 @@ class CodistillEngine(TrainerCallback):
             self.driver.prepare_checkpoint(step)
             for group, checkpoint in checkpoints.items():
                 os.makedirs(checkpoint, exist_ok=True)
-                save_file(self.peers.state_dict(group), os.path.join(checkpoint, PEERS_NAME))
+                if self.peers.restores_from_checkpoint:
+                    save_file(self.peers.state_dict(group), os.path.join(checkpoint, PEERS_NAME))
                 if group in self.initial_parameters:
                     self.initial_parameters[group].save(os.path.join(checkpoint, INIT_NAME))
         self.driver.barrier("checkpoint-written")

@@ -27,6 +27,9 @@ codistillation engine (`hf_codistill.engine`) works with. A peer set answers:
     finish()                    land a refresh still in flight
     state_dict(group) / load_state_dict(state)          the peers as a checkpoint holds them
     counters() / checkpoint_state() / load_checkpoint_state(state)   what is logged and resumed
+    restores_from_checkpoint    whether checkpoints hold the peers (else a resumed run refreshes them)
+
+A third, `hf_codistill.store_peers.StorePeers`, serves groups launched apart that meet through a peer store.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class PeerCopies:
     column), so memory and bytes scale with m, not G. `bytes_sent` / `bytes_received` count what crossed group
     boundaries (this rank's column traffic); `group_bytes_received` counts what the sharded path adds inside the group.
     """
+
+    restores_from_checkpoint = True  # a checkpoint holds the peers: a resumed run continues exactly
 
     def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True,
                  dtype: torch.dtype | None = None, num_peers: int | None = None):
@@ -299,6 +304,8 @@ class PeerCopies:
 class LocalPeers:
     """The peer set of G models trained in one process: frozen copies (in `dtype` if given) of every model, refreshed
     by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision."""
+
+    restores_from_checkpoint = True
 
     def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None,
                  num_peers: int | None = None):

@@ -215,6 +215,11 @@ def check_list_of_models(models: list[nn.Module], args, trainer_kwargs: dict) ->
         raise ValueError(
             f"Got {len(models)} models but `num_groups={args.num_groups}`: set `num_groups={len(models)}`."
         )
+    if getattr(args, "codistill_peer_store", None):
+        raise ValueError(
+            "`codistill_peer_store` makes each launch one group with one model; a list of models trains every group "
+            "in this process. Pass one model per launch, or drop `codistill_peer_store`."
+        )
     if get_topology() is not None or launched_world_size() > 1:
         raise ValueError(
             "A list of models trains in one process; under a launcher, give each process one model and let "

@@ -49,9 +49,11 @@ class PeerEvaluation:
     """Accumulates one evaluation's ensemble loss and agreement over batches; `metrics` scores them at the end."""
 
     def __init__(self, accelerator, group_index: int, causal: bool, preprocess_logits_for_metrics=None,
-                 keep_predictions: bool = True):
+                 keep_predictions: bool = True, peer_groups: list[int] | None = None):
         self.accelerator = accelerator
         self.group_index = group_index
+        # The groups of the peers' logits, in order; None: every other group (then the pairs run over all G).
+        self.peer_groups = peer_groups
         self.causal = causal
         self.preprocess = preprocess_logits_for_metrics
         # Without `compute_metrics` nothing reads the ensemble's predictions: a language model's would be
@@ -80,7 +82,9 @@ class PeerEvaluation:
             targets = aligned_labels(labels, self.causal)
         scored = (targets != IGNORE_INDEX).reshape(-1)
         rows = [_logits(peer) for peer in peer_logits]
-        rows.insert(self.group_index, own)
+        own_position = (self.group_index if self.peer_groups is None
+                        else sum(group < self.group_index for group in self.peer_groups))
+        rows.insert(own_position, own)
         rows = [logits.reshape(-1, num_classes)[scored] if logits.shape[:-1] == targets.shape else logits
                 for logits in rows]
         self.num_models = len(rows)
@@ -126,7 +130,9 @@ class PeerEvaluation:
         if compute_metrics is not None and self.labels is not None and self.ensemble_predictions is not None:
             scored = compute_metrics(EvalPrediction(predictions=self.ensemble_predictions, label_ids=self.labels))
             metrics.update({f"ensemble_{key}": value for key, value in scored.items()})
-        pairs = list(combinations(range(self.num_models), 2))
+        groups = (range(self.num_models) if self.peer_groups is None
+                  else sorted([self.group_index, *self.peer_groups]))
+        pairs = list(combinations(groups, 2))
         agreement = {f"agreement_{i}_{j}": float(totals[2 + k]) / count if count else float("nan")
                      for k, (i, j) in enumerate(pairs)}
         metrics.update(agreement, agreement_mean=sum(agreement.values()) / len(agreement))

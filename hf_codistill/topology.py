@@ -101,6 +101,43 @@ class GroupTopology:
         return gathered
 
 
+@dataclass
+class SeparateGroup:
+    """A group launched on its own (`codistill_peer_store`): its launch's world is the group, and other groups are
+    reached only through the store, so barriers and agreements span this group alone and it reports for itself."""
+
+    num_groups: int
+    group_index: int
+    timeout: timedelta
+    column: None = None
+
+    @property
+    def group_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    @property
+    def group_rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def is_world_zero(self) -> bool:
+        return self.group_rank == 0
+
+    def barrier(self, name: str = "barrier") -> None:
+        if self.group_size > 1:
+            dist.barrier()
+
+    def any_rank(self, flags: tuple[bool, ...], name: str = "any") -> tuple[bool, ...]:
+        if self.group_size == 1:
+            return tuple(flags)
+        everyone = [None] * self.group_size
+        dist.all_gather_object(everyone, tuple(flags))
+        return tuple(any(column) for column in zip(*everyone))
+
+    def gather_to_world_zero(self, payload: dict | None, name: str = "logs") -> list[dict] | None:
+        return None  # each launch logs its own group under the usual keys
+
+
 def _make_process_group(backend: str, store: dist.Store, rank: int, size: int, timeout: timedelta):
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()

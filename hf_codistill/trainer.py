@@ -8,6 +8,7 @@ processes, peers exchanged over `torch.distributed`. Given a list of models it b
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import datasets
 import torch
@@ -28,7 +29,8 @@ from .peer_evaluation import PeerEvaluation
 from .peer_forward import is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .step_metrics import InitialParameters, ParameterDistanceCallback
-from .topology import GroupTopology, get_topology
+from .store_peers import StorePeers
+from .topology import GroupTopology, SeparateGroup, get_topology
 
 logger = logging.get_logger(__name__)
 
@@ -86,7 +88,9 @@ class CodistillTrainer(Trainer):
             self.remove_callback(ProgressCallback)
             self.remove_callback(PrinterCallback)
 
-    def _join_groups(self, args: CodistillTrainingArguments) -> GroupTopology:
+    def _join_groups(self, args: CodistillTrainingArguments) -> GroupTopology | SeparateGroup:
+        if args.codistill_peer_store:
+            return SeparateGroup(args.num_groups, args.group_index, timedelta(seconds=args.ddp_timeout))
         topology = get_topology()
         if topology is None:
             raise ValueError(
@@ -149,7 +153,10 @@ class CodistillTrainer(Trainer):
     def codistilled_models(self) -> dict[int, nn.Module]:
         return {self.group_index: self.model}
 
-    def make_peer_set(self, models: dict[int, nn.Module]) -> PeerCopies:
+    def make_peer_set(self, models: dict[int, nn.Module]) -> PeerCopies | StorePeers:
+        if self.args.codistill_peer_store:
+            return StorePeers.from_arguments(models[self.group_index], self.args,
+                                             fresh=self._resume_checkpoint is None)
         return PeerCopies(models[self.group_index], self.topology, sharded=self.args.codistill_sharded_exchange,
                           dtype=self.args.peer_torch_dtype, num_peers=self.args.codistill_num_peers)
 
@@ -166,7 +173,8 @@ class CodistillTrainer(Trainer):
         pass  # Trainer has written this group's folder whole
 
     def write_run_info(self, root: str | None = None) -> None:
-        if self.is_world_zero:
+        # Groups launched apart may share `output_dir`: group 0 alone writes the run's description there.
+        if self.is_world_zero and not (self.args.codistill_peer_store and self.group_index != 0):
             write_run_info(root or self.codistill_root, self.args, self.num_groups, self.group_size,
                            **({"one_process": True} if self.topology is None else {}))
 
@@ -175,7 +183,8 @@ class CodistillTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *a, **kw):
         if self.codistilling and resume_from_checkpoint not in (None, False):
             resume_from_checkpoint = resolve_resume_checkpoint(
-                resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups
+                resume_from_checkpoint, self.codistill_root, self.group_index, self.num_groups,
+                alone=bool(self.args.codistill_peer_store),
             )
         if self.topology is not None:
             self._split_stream_between_groups()
@@ -253,15 +262,19 @@ class CodistillTrainer(Trainer):
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                            metric_key_prefix)
         compute_metrics, preprocess = self._single_model_metrics()
+        peer_groups = self._fetch_current_peers()
+        if peer_groups == []:  # groups launched apart, none of them live
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
         self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index, self.causal_lm, preprocess,
-                                               keep_predictions=compute_metrics is not None)
+                                               keep_predictions=compute_metrics is not None, peer_groups=peer_groups)
         try:
-            self._fetch_current_peers()
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             output.metrics.update(self._peer_evaluation.metrics(compute_metrics, metric_key_prefix))
         finally:
-            if self._eval_peers is not None and self.peer_copies is not None:
+            if self.peer_copies is not None and isinstance(self._eval_peers, PeerCopies) \
+                    and self._eval_peers is not self.peer_copies:  # temporary copies: count what they moved
                 self.peer_copies.bytes_sent += self._eval_peers.bytes_sent
                 self.peer_copies.bytes_received += self._eval_peers.bytes_received
             self._eval_peers = self._peer_evaluation = None
@@ -271,11 +284,16 @@ class CodistillTrainer(Trainer):
         """`compute_metrics` and `preprocess_logits_for_metrics` for one model, which also score the ensemble."""
         return self.compute_metrics, self.preprocess_logits_for_metrics
 
-    def _fetch_current_peers(self) -> None:
-        """The other groups' current models, into temporary copies for this evaluation (collective)."""
+    def _fetch_current_peers(self) -> list[int] | None:
+        """The other groups' current models, into temporary copies for this evaluation (collective); returns their
+        groups (None: all the others). Groups launched apart score with the live peers they hold (from the store)."""
+        if self.args.codistill_peer_store:
+            self._eval_peers = self.peer_copies
+            return list(self.peer_copies.live) if self.peer_copies is not None else []
         self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange)
         self._eval_peers.check_same_architecture(self.model)
         self._eval_peers.exchange(self.model, self.state.global_step)
+        return None
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self._peer_evaluation is None:

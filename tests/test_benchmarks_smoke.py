@@ -37,6 +37,20 @@ def test_step_overhead_smoke(tmp_path):
     assert "LM position fraction 0.25" in out and "| gpt2-clm |" in out and "| bert-mlm |" in out
 
 
+def test_peer_store_smoke(tmp_path):
+    """Groups launched apart: one kill and relaunch, and group 0's pace beside a slowed peer."""
+    out = run(BENCHMARKS / "peer_store" / "run.py", "--smoke", "--out", str(tmp_path), timeout=420)
+    results = json.loads((tmp_path / "results.json").read_text())
+    (kill,) = results["kill"]["kills"]
+    # Killed k = 2 steps past its checkpoint of step 4, group 0 resumed from it and published again.
+    assert kill["resumed_from"] == 4 and kill["published_step_at_kill"] >= 6
+    assert kill["seconds_until_published_again"] > 0
+    for group in (0, 1):
+        assert 0 <= results["kill"][f"group_{group}"]["eval_accuracy"] <= 1
+    assert results["speed"]["slow_peer"]["mean"] > 0
+    assert "| kill | last version published before it |" in out
+
+
 def test_communication_smoke(tmp_path):
     out = run(BENCHMARKS / "communication.py", "--smoke", "--json", str(tmp_path / "rows.json"))
     ddp, sharded = json.loads((tmp_path / "rows.json").read_text())

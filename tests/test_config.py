@@ -24,7 +24,7 @@ def squeeze(text):
 
 def test_each_option_help_is_its_whole_docstring_entry():
     doc = " ".join(CodistillTrainingArguments.__doc__.split())
-    assert len(OWN_FIELDS) == 19
+    assert len(OWN_FIELDS) == 25
     for f in OWN_FIELDS:
         text = f.metadata["help"].replace("%%", "%")  # argparse needs `%` doubled
         assert text and "%" not in f.metadata["help"].replace("%%", "")
@@ -47,7 +47,9 @@ def test_codistill_only_options_are_those_of_the_codistill_only_sections():
         "num_groups", "codistill_alpha", "codistill_loss", "codistill_temperature", "codistill_sync_every",
         "codistill_burn_in_steps", "codistill_alpha_warmup_steps", "codistill_shared_init", "codistill_shared_batch",
         "codistill_peer_metrics", "codistill_sharded_exchange", "codistill_overlap_exchange", "codistill_peer_dtype",
-        "codistill_position_fraction", "codistill_num_peers",
+        "codistill_position_fraction", "codistill_num_peers", "codistill_peer_store", "codistill_group_index",
+        "codistill_peer_max_age_steps", "codistill_peer_max_age_seconds", "codistill_peer_wait_seconds",
+        "codistill_peer_store_keep",
     )
 
 

@@ -2,8 +2,10 @@
 hand), with or without a `compute_metrics`: the ensemble's loss and the agreement always, its metrics with one."""
 
 import pytest
+import torch
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments
+from hf_codistill.peer_evaluation import PeerEvaluation
 from tests.conftest import SCRIPTS
 from tests.scripts.train_digits import accuracy, digits_dataset, tiny_vit
 
@@ -48,3 +50,25 @@ def test_launched_and_one_process_peer_metrics_agree(tmp_path, launcher):
     # Two models from different random initialisations: they disagree, and the ensemble is neither of them.
     assert one_process["eval_agreement_0_1"] < 1
     assert len({one_process["eval_loss"], one_process["group_1/eval_loss"], one_process["eval_ensemble_loss"]}) == 3
+
+
+class _OneProcess:
+    """What `PeerEvaluation` asks of an accelerator, for one process."""
+
+    def gather_for_metrics(self, tensor):
+        return tensor
+
+    def pad_across_processes(self, tensor, dim, pad_index):
+        return tensor
+
+
+def test_pairs_are_named_by_group_when_only_some_peers_are_scored():
+    """Groups launched apart score only their live peers: group 2 beside group 0 alone reports `agreement_0_2`."""
+    labels = torch.tensor([0, 1, 2, 1])
+    own = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 2]), 3).float() * 5
+    peer = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 0]), 3).float() * 5
+    evaluation = PeerEvaluation(_OneProcess(), group_index=2, causal=False, keep_predictions=False, peer_groups=[0])
+    evaluation.add_batch(own, [peer], labels)
+    metrics = evaluation.metrics(None, "eval")
+    assert metrics["eval_agreement_0_2"] == 0.5 and metrics["eval_agreement_mean"] == 0.5
+    assert set(metrics) == {"eval_ensemble_loss", "eval_agreement_0_2", "eval_agreement_mean"}

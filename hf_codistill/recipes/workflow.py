@@ -15,7 +15,7 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..checkpointing import checkpoint_folders, get_last_checkpoint, group_dir
+from ..checkpointing import checkpoint_folders, get_last_checkpoint, group_dir, last_complete_step
 from ..config import CodistillTrainingArguments
 from ..metrics import metric_path
 from ..topology import launched_world_size
@@ -85,7 +85,7 @@ def build_models(training_args: CodistillTrainingArguments, build):
     With `--codistill` in a single process (no launcher: a notebook-like run on one device) it returns all
     `num_groups` models, model g built under seed + g, and `CodistillTrainer` trains them side by side in the process.
     """
-    if training_args.codistill and launched_world_size() == 1:
+    if training_args.codistill and launched_world_size() == 1 and not training_args.codistill_peer_store:
         logger.info(f"One process: training all {training_args.num_groups} codistilled models in it.")
         models = []
         for group in range(training_args.num_groups):
@@ -116,8 +116,12 @@ def find_resume_checkpoint(training_args: CodistillTrainingArguments) -> str | N
     if not training_args.do_train or not os.path.isdir(root):
         return None
     if training_args.codistill:
-        step = get_last_checkpoint(root, training_args.num_groups)
-        checkpoint = os.path.join(group_dir(root, 0), f"checkpoint-{step}") if step is not None else None
+        # Groups launched apart resume from their own last complete step; one launch, from the last of every group.
+        alone = bool(training_args.codistill_peer_store)
+        group = training_args.group_index if alone else 0
+        step = (last_complete_step(group_dir(root, group)) if alone
+                else get_last_checkpoint(root, training_args.num_groups))
+        checkpoint = os.path.join(group_dir(root, group), f"checkpoint-{step}") if step is not None else None
     else:
         # Trainer writes `trainer_state.json` last: a checkpoint without it was cut short, resume from the one before.
         complete = [path for _, path in sorted(checkpoint_folders(root).items())

@@ -6,6 +6,7 @@ Used by tests/test_distributed.py as `torchrun --nproc_per_node W tests/scripts/
 import json
 import os
 import sys
+import time
 
 import torch
 from sklearn.datasets import load_digits
@@ -53,10 +54,10 @@ def as_stream(data: DigitsDataset):
     return table.to_iterable_dataset(num_shards=4).with_format("torch")
 
 
-def tiny_vit():
+def tiny_vit(hidden_size=32):
     config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=10, hidden_dropout_prob=0.1,
+        image_size=8, patch_size=4, num_channels=1, hidden_size=hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=2 * hidden_size, num_labels=10, hidden_dropout_prob=0.1,
     )
     return ViTForImageClassification(config)
 
@@ -88,8 +89,19 @@ class Recorder(TrainerCallback):
         peers = getattr(self.trainer, "peer_copies", None)
         if peers is not None:
             record["peers"] = {str(g): checksum(p.parameters()) for g, p in peers.peers.items()}
+            record["live_peers"] = sorted(int(g) for g in peers.peers_of(self.trainer.group_index))
             record["peer_dtypes"] = sorted({str(t.dtype) for p in peers.models() for t in p.parameters()})
         self.steps.append(record)
+
+
+class SlowSteps(TrainerCallback):
+    """A group slowed down on purpose: `delay` seconds more per optimizer step."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(self.delay)
 
 
 class StopGroupOne(TrainerCallback):
@@ -101,6 +113,17 @@ class StopGroupOne(TrainerCallback):
     def on_evaluate(self, args, state, control, **kwargs):
         if self.trainer.group_index == 1 and state.global_step >= self.at:
             control.should_training_stop = True
+
+
+def await_live_peers(trainer, timeout):
+    """Groups launched apart: refresh from the peer store until every peer is live (at most `timeout` seconds), so
+    that the final evaluation scores the pair whichever group started first. Every rank of the group calls it."""
+    peers = trainer.peer_copies
+    for _ in range(int(timeout / 0.5)):  # a count, not a clock: every rank of the group stops at the same round
+        if len(peers.live) == len(peers.peer_groups):
+            return
+        time.sleep(0.5)
+        peers.refresh(trainer.state.global_step)
 
 
 def main():
@@ -119,7 +142,7 @@ def main():
     else:
         set_seed(args.seed)
         trainer_cls = Trainer
-    model = tiny_vit()
+    model = tiny_vit(int(options.get("hidden_size", 32)))
     trainer_kwargs = {}
     if "stop_group_one_at" in options:
         # Groups that decide differently: group 0's `score` improves at every evaluation, group 1's never after the
@@ -143,9 +166,13 @@ def main():
     trainer.add_callback(recorder)
     if "stop_group_one_at" in options:
         trainer.add_callback(StopGroupOne(trainer, int(options["stop_group_one_at"])))
+    if "step_delay" in options:
+        trainer.add_callback(SlowSteps(float(options["step_delay"])))
     resume = options.get("resume")
     if options.get("eval_only") != "1":
         trainer.train(resume_from_checkpoint={"true": True, None: None}.get(resume, resume))
+    if "await_peers" in options:
+        await_live_peers(trainer, float(options["await_peers"]))
     metrics = trainer.evaluate()
     metrics_without_compute_metrics = None
     if options.get("eval_only") == "1":
