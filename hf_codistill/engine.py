@@ -58,7 +58,7 @@ class PeerSet(Protocol):
 
     def peers_of(self, group: int) -> dict[int, nn.Module]: ...
     def check_compatible(self) -> None: ...
-    def share_initialisation(self) -> None: ...
+    def share_initialisation(self, base_only: bool = False) -> None: ...
     def refresh(self, step: int, background: bool = False) -> None: ...
     def finish(self) -> None: ...
     def state_dict(self, group: int) -> dict[str, torch.Tensor]: ...
@@ -146,8 +146,12 @@ class CodistillEngine(TrainerCallback):
         self.step_metrics = {group: MetricSums() for group in self.models}
         self._metrics_since_step = step
         self.peers = self.driver.make_peer_set(self.models)
-        self.peers.check_compatible()
+        shares = self._shares_initialisation(self.models[min(self.models)])
         resume = self.driver.resume_checkpoints()
+        # Checkpoints hold the models (a PEFT model's adapter only): a resumed run shares a PEFT base again.
+        if shares:
+            self.peers.share_initialisation(base_only=bool(resume))
+        self.peers.check_compatible()
         if resume:
             for group, checkpoint in resume.items():
                 reload_renamed_weights(self.models[group], checkpoint)
@@ -161,8 +165,6 @@ class CodistillEngine(TrainerCallback):
                           for group, checkpoint in resume.items()}
                 self.initial_parameters = loaded if None not in loaded.values() else {}
             return
-        if self._shares_initialisation(self.models[min(self.models)]):
-            self.peers.share_initialisation()
         self.peers.refresh(step)
         if self.args.logs_param_distance:
             self.initial_parameters = {group: InitialParameters.of(model) for group, model in self.models.items()}

@@ -16,13 +16,13 @@ An exchange can also run in the background (`start_exchange` / `finish_exchange`
 started at step s on a snapshot of the parameters and applied at the next step boundary, so step s+1 still uses the
 previous peers and the peers lag one step more than with the blocking `exchange`.
 
-`PeerCopies` (launched groups) and `LocalPeers` (all models in one process) are the two *peer sets* the
-codistillation engine (`hf_codistill.engine`) works with. A peer set answers:
+`PeerCopies` (launched groups) is one of the *peer sets* the codistillation engine (`hf_codistill.engine`) works
+with, beside `hf_codistill.local_peers.LocalPeers` (all models in one process). A peer set answers:
 
     peers_of(group)             {peer group: model} that `group`'s model distils from
     dtype                       precision the peers run in (None: the models' own)
     check_compatible()          refuse peers that cannot be exchanged (collective)
-    share_initialisation()      start every model from group 0's weights
+    share_initialisation(base_only)   start every model from group 0's weights (resumed: a PEFT base only)
     refresh(step, background)   bring the peers up to date (every k steps)
     finish()                    land a refresh still in flight
     state_dict(group) / load_state_dict(state)          the peers as a checkpoint holds them
@@ -43,11 +43,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .adapters import (
+    PEER_ADAPTER,
+    AdapterPeer,
+    add_adapter_peer,
+    base_fingerprint,
+    base_tensors,
+    is_peft_model,
+    own_adapter_tensors,
+    remove_adapter_peer,
+)
 from .topology import GroupTopology
 
 
 def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """Parameters then buffers, by name, each shared tensor once: what defines a model's function."""
+    """Parameters then buffers, by name, each shared tensor once: what defines a model's function. For a PEFT model
+    (and a peer held as its adapter) only the adapter's tensors: the frozen base is the same in every group."""
+    if isinstance(model, AdapterPeer):
+        return model.tensors()
+    if is_peft_model(model):
+        return own_adapter_tensors(model)
     tensors = OrderedDict(model.named_parameters())
     tensors.update(model.named_buffers())
     return tensors
@@ -60,6 +75,15 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     peer.eval()
     peer.requires_grad_(False)
     return peer.to(dtype) if dtype is not None else peer
+
+
+def new_peer(model: nn.Module, group: int, dtype: torch.dtype | None = None, adapter_name: str = PEER_ADAPTER
+             ) -> nn.Module:
+    """Group `group`'s peer, shaped like `model`: an adapter on `model`'s own base for a PEFT model (named
+    `adapter_name.format(group)`), else a frozen copy."""
+    if is_peft_model(model):
+        return add_adapter_peer(model, group, dtype, adapter_name)
+    return frozen_copy(model, dtype)
 
 
 def ring_peers(group: int, num_groups: int, num_peers: int | None = None) -> list[int]:
@@ -110,14 +134,14 @@ class PeerCopies:
     restores_from_checkpoint = True  # a checkpoint holds the peers: a resumed run continues exactly
 
     def __init__(self, model: nn.Module, topology: GroupTopology, sharded: bool = True,
-                 dtype: torch.dtype | None = None, num_peers: int | None = None):
+                 dtype: torch.dtype | None = None, num_peers: int | None = None, adapter_name: str = PEER_ADAPTER):
         self.model = model
         self.dtype = dtype
         self.topology = topology
         self.sharded = sharded and topology.group_size > 1
         group, num_groups = topology.group_index, topology.num_groups
         self.peers: dict[int, nn.Module] = {
-            peer: frozen_copy(model, dtype) for peer in ring_peers(group, num_groups, num_peers)
+            peer: new_peer(model, peer, dtype, adapter_name) for peer in ring_peers(group, num_groups, num_peers)
         }
         # The groups that distil from this one (this group is among their next m).
         self.readers = sorted(reader for reader in range(num_groups) if group in ring_peers(reader, num_groups,
@@ -132,6 +156,13 @@ class PeerCopies:
     def models(self) -> list[nn.Module]:
         return [self.peers[group] for group in sorted(self.peers)]
 
+    def release(self) -> None:
+        """Drop the peers: adapters leave the shared model (copies go with this object)."""
+        for peer in self.peers.values():
+            if isinstance(peer, AdapterPeer):
+                remove_adapter_peer(peer)
+        self.peers = {}
+
     # ---- The peer-set interface (see the module docstring) ----------------------------------------------------
 
     def peers_of(self, group: int) -> dict[int, nn.Module]:
@@ -139,9 +170,19 @@ class PeerCopies:
 
     def check_compatible(self) -> None:
         self.check_same_architecture(self.model)
+        if is_peft_model(self.model):
+            self.check_same_base(self.model)
 
-    def share_initialisation(self) -> None:
-        self.broadcast_model(self.model, source_group=0)
+    def share_initialisation(self, base_only: bool = False) -> None:
+        """Start from group 0's weights: the model's (a PEFT model's adapter and base), or with `base_only` (a
+        resumed run, whose checkpoint holds the rest) a PEFT model's base alone."""
+        if base_only and not is_peft_model(self.model):
+            return
+        self.check_same_architecture(self.model)  # before anything is broadcast
+        if is_peft_model(self.model):
+            self.broadcast_tensors(base_tensors(self.model), source_group=0)
+        if not base_only:
+            self.broadcast_model(self.model, source_group=0)
 
     def refresh(self, step: int, background: bool = False) -> None:
         """Exchange now, or start the cross-group part in the background (landed by `finish`)."""
@@ -275,11 +316,32 @@ class PeerCopies:
                 "model from the same config (or checkpoint) in every process."
             )
 
+    def check_same_base(self, model: nn.Module) -> None:
+        """Adapters are exchanged, not bases: refuse groups whose frozen base weights differ (`base_fingerprint`)."""
+        fingerprint = torch.tensor([base_fingerprint(model)], dtype=torch.int64)
+        gathered = [torch.empty_like(fingerprint) for _ in range(self.topology.num_groups)]
+        device = next(iter(exchanged_tensors(model).values())).device
+        if device.type == "cuda":
+            fingerprint, gathered = fingerprint.to(device), [g.to(device) for g in gathered]
+        self.topology.column.allgather([gathered], [fingerprint]).wait()
+        differing = [group for group, value in enumerate(gathered) if int(value) != int(gathered[0])]
+        if differing:
+            raise ValueError(
+                f"Groups {differing} hold other base weights than group 0 under their adapters: codistilled adapters "
+                "are exchanged without their base, so every group must load the same base model (same checkpoint "
+                "and revision, same dtype) before adding its adapter. A base built from a config takes each group's "
+                "seed: adapt a pre-trained model, or build the base under one seed in every group."
+            )
+
     @torch.no_grad()
     def broadcast_model(self, model: nn.Module, source_group: int = 0) -> None:
         """Overwrite `model`, in every group, with group `source_group`'s weights at full precision (a shared
         initialisation). Collective over the whole world; follow it with `exchange` to refresh the peers."""
-        own = exchanged_tensors(model)
+        self.broadcast_tensors(exchanged_tensors(model), source_group)
+
+    @torch.no_grad()
+    def broadcast_tensors(self, own: OrderedDict[str, torch.Tensor], source_group: int = 0) -> None:
+        """Overwrite `own` (live tensors of this group's model) with group `source_group`'s, over the column."""
         options = dist.BroadcastOptions()
         options.rootRank = source_group  # a column's rank is its group index
         for names in _buckets(own).values():
@@ -295,92 +357,19 @@ class PeerCopies:
         if self._pending is not None:
             # Finishing here would be a collective on the one rank that saves; the caller finishes on every rank.
             raise RuntimeError("An exchange is in flight: call `finish_exchange()` on every rank before saving peers.")
-        return _peers_state(self.peers)
+        return peers_state(self.peers)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _load_peers_state(self.peers, state, strict=True)
+        load_peers_state(self.peers, state, strict=True)
 
 
-class LocalPeers:
-    """The peer set of G models trained in one process: frozen copies (in `dtype` if given) of every model, refreshed
-    by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision."""
-
-    restores_from_checkpoint = True
-
-    def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None,
-                 num_peers: int | None = None):
-        self.models = models
-        self.num_peers = num_peers
-        self.live = live
-        self.dtype = None if live else dtype
-        self.copies = None if live else [frozen_copy(models[group], dtype) for group in sorted(models)]
-        self.last_exchange_step: int | None = None
-        self.num_exchanges = 0
-
-    def model(self, group: int) -> nn.Module:
-        return self.models[group] if self.live else self.copies[group]
-
-    def peers_of(self, group: int) -> dict[int, nn.Module]:
-        return {peer: self.model(peer) for peer in ring_peers(group, len(self.models), self.num_peers)}
-
-    def check_compatible(self) -> None:
-        pass  # peers in one process may differ in architecture; their outputs are checked by the loss
-
-    def share_initialisation(self) -> None:
-        reference = self.models[0].state_dict()
-        shapes = {name: tuple(tensor.shape) for name, tensor in reference.items()}
-        for group, model in self.models.items():
-            if {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} != shapes:
-                raise ValueError(
-                    f"`codistill_shared_init` starts every model from model 0's weights, but model {group} has "
-                    "another architecture; set `codistill_shared_init=False` for peers that differ in architecture or "
-                    "size."
-                )
-            if group != 0:
-                with torch.no_grad():
-                    model.load_state_dict(reference)
-
-    @torch.no_grad()
-    def refresh(self, step: int, background: bool = False) -> None:
-        if not self.live:
-            for group, model in self.models.items():
-                targets, sources = exchanged_tensors(self.copies[group]), exchanged_tensors(model)
-                for target, source in zip(targets.values(), sources.values()):
-                    target.copy_(source)
-        self.last_exchange_step = step
-        self.num_exchanges += 1
-
-    def finish(self) -> None:
-        pass  # copies are refreshed in place: nothing is ever in flight
-
-    def counters(self) -> dict[str, int]:
-        return {"peer_exchanges": self.num_exchanges}
-
-    def checkpoint_state(self) -> dict[str, int | None]:
-        return {"last_exchange_step": self.last_exchange_step, "num_exchanges": self.num_exchanges,
-                "exchange_bytes_sent": 0, "exchange_bytes_received": 0}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        self.last_exchange_step = state["last_exchange_step"]
-        self.num_exchanges = state["num_exchanges"]
-
-    def state_dict(self, group: int) -> dict[str, torch.Tensor]:
-        """Group `group`'s peers as a launched group stores them (`group_<j>.<name>`, j != group)."""
-        return _peers_state(self.peers_of(group))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load the copies a checkpoint holds (one model's checkpoint holds all copies but its own)."""
-        if not self.live:
-            _load_peers_state(dict(enumerate(self.copies)), state, strict=False)
-
-
-def _peers_state(peers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
+def peers_state(peers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"group_{group}.{name}": tensor.detach().cpu().clone()
             for group, peer in peers.items() for name, tensor in exchanged_tensors(peer).items()}
 
 
 @torch.no_grad()
-def _load_peers_state(peers: dict[int, nn.Module], state: dict[str, torch.Tensor], strict: bool) -> None:
+def load_peers_state(peers: dict[int, nn.Module], state: dict[str, torch.Tensor], strict: bool) -> None:
     for group, peer in peers.items():
         for name, tensor in exchanged_tensors(peer).items():
             key = f"group_{group}.{name}"

@@ -32,9 +32,10 @@ from transformers.trainer import SCALER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.utils import can_return_loss, find_labels
 
+from .adapters import with_adapters
 from .checkpointing import sibling_checkpoint
 from .config import CodistillTrainingArguments
-from .exchange import LocalPeers
+from .local_peers import LocalPeers
 from .model_stack import (
     CodistilledModels,
     PerModelOptimizers,
@@ -70,7 +71,8 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
         preprocess_logits_for_metrics: Callable | None = None,
         **trainer_kwargs,
     ):
-        models = list(model)
+        peft_config = trainer_kwargs.pop("peft_config", None)
+        models = with_adapters(list(model), peft_config) if peft_config is not None else list(model)
         check_list_of_models(models, args, trainer_kwargs)
         self.models = models
         self._group_args = [args.for_group(group) for group in range(len(models))]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging
 
+from .adapters import is_peft_model
 from .exchange import frozen_copy, ring_peers
 from .peer_store import (
     INIT_VERSION,
@@ -72,6 +73,11 @@ class StorePeers:
     @classmethod
     def from_arguments(cls, model: nn.Module, args, fresh: bool) -> StorePeers:
         """The peer set that `CodistillTrainingArguments` describe (`codistill_peer_store` and its options)."""
+        if is_peft_model(model):
+            raise ValueError(
+                "`codistill_peer_store` publishes whole models; adapters (PEFT) through a store are not supported "
+                "yet. Launch the groups together (collective exchange of adapters), or train without adapters."
+            )
         store = PeerStore(args.codistill_peer_store, args.group_index, keep=args.codistill_peer_store_keep)
         return cls(model, store, args.num_groups, args.codistill_num_peers, args.peer_torch_dtype,
                    args.codistill_peer_max_age_steps, args.codistill_peer_max_age_seconds,
@@ -90,8 +96,11 @@ class StorePeers:
         pass  # each version is checked when it is read: its outputs must match this model's
 
     @torch.no_grad()
-    def share_initialisation(self) -> None:
-        """Group 0 publishes its initial weights; every other group waits for them (at most `init_timeout` s)."""
+    def share_initialisation(self, base_only: bool = False) -> None:
+        """Group 0 publishes its initial weights; every other group waits for them (at most `init_timeout` s). A
+        resumed group (`base_only`) has its weights in its checkpoint."""
+        if base_only:
+            return
         if self.group == 0:
             if self.rank == 0:
                 self.store.publish(self.model, 0, name=INIT_VERSION)

@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 from transformers.utils import logging
 
+from .adapters import EVALUATION_PEER_ADAPTER, saving_own_adapter_only, with_adapters
 from .checkpointing import group_dir, resolve_resume_checkpoint, write_run_info
 from .compat import align_loss_accounting, say_trained_from_scratch
 from .config import CodistillTrainingArguments
@@ -59,7 +60,12 @@ class CodistillTrainer(Trainer):
             cls = CodistillTrainer._list_of_models_driver
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module | None = None, args: CodistillTrainingArguments | None = None, *a, **kw):
+    def __init__(self, model: nn.Module | None = None, args: CodistillTrainingArguments | None = None, *a,
+                 peft_config=None, **kw):
+        """`peft_config` (a `peft.PeftConfig`, as TRL's trainers take it) trains adapters of `model` instead of the
+        model itself; with codistillation each peer is then one more adapter on this group's base model."""
+        if peft_config is not None:
+            model = with_adapters(model, peft_config)
         self.codistilling = bool(getattr(args, "codistill", False))
         self.topology: GroupTopology | None = self._join_groups(args) if self.codistilling else None
         self.engine: CodistillEngine | None = None
@@ -273,10 +279,11 @@ class CodistillTrainer(Trainer):
                                              metric_key_prefix)
             output.metrics.update(self._peer_evaluation.metrics(compute_metrics, metric_key_prefix))
         finally:
-            if self.peer_copies is not None and isinstance(self._eval_peers, PeerCopies) \
-                    and self._eval_peers is not self.peer_copies:  # temporary copies: count what they moved
-                self.peer_copies.bytes_sent += self._eval_peers.bytes_sent
-                self.peer_copies.bytes_received += self._eval_peers.bytes_received
+            if isinstance(self._eval_peers, PeerCopies) and self._eval_peers is not self.peer_copies:
+                self._eval_peers.release()  # temporary copies: drop them, count what they moved
+                if self.peer_copies is not None:
+                    self.peer_copies.bytes_sent += self._eval_peers.bytes_sent
+                    self.peer_copies.bytes_received += self._eval_peers.bytes_received
             self._eval_peers = self._peer_evaluation = None
         return output
 
@@ -290,7 +297,8 @@ class CodistillTrainer(Trainer):
         if self.args.codistill_peer_store:
             self._eval_peers = self.peer_copies
             return list(self.peer_copies.live) if self.peer_copies is not None else []
-        self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange)
+        self._eval_peers = PeerCopies(self.model, self.topology, sharded=self.args.codistill_sharded_exchange,
+                                      adapter_name=EVALUATION_PEER_ADAPTER)
         self._eval_peers.check_same_architecture(self.model)
         self._eval_peers.exchange(self.model, self.state.global_step)
         return None
@@ -375,15 +383,17 @@ class CodistillTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save this group's model to `<output_dir>/group_<g>`; group 0 also saves to `<output_dir>` itself.
 
-        Checkpoint saves (internal calls) already target this group's own folder.
+        Checkpoint saves (internal calls) already target this group's own folder. A PEFT model saves its own adapter
+        only, not the adapters that hold its peers.
         """
-        if not self.codistilling or _internal_call:
-            return super().save_model(output_dir, _internal_call)
-        root = output_dir if output_dir is not None else self.codistill_root
-        super().save_model(group_dir(root, self.group_index), _internal_call)
-        if self.group_index == 0:
-            super().save_model(root, _internal_call=True)
-            self.write_run_info(root)
+        with saving_own_adapter_only(self.model):
+            if not self.codistilling or _internal_call:
+                return super().save_model(output_dir, _internal_call)
+            root = output_dir if output_dir is not None else self.codistill_root
+            super().save_model(group_dir(root, self.group_index), _internal_call)
+            if self.group_index == 0:
+                super().save_model(root, _internal_call=True)
+                self.write_run_info(root)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Trainer's card, tagged `codistillation`, plus a section with G, k, alpha, the peers and the ensemble."""

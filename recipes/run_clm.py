@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from hf_codistill import CodistillTrainer
 from hf_codistill.recipes import (
+    LoraArguments,
     ModelArguments,
     TextDataArguments,
     build_models,
@@ -46,7 +47,7 @@ def small_gpt2_config(max_seq_length: int | None) -> GPT2Config:
 
 
 def main():
-    model_args, data_args, training_args = start_recipe(ModelArguments, TextDataArguments)
+    model_args, data_args, lora_args, training_args = start_recipe(ModelArguments, TextDataArguments, LoraArguments)
 
     raw, data_description = load_text_data(data_args, model_args, training_args.seed,
                                            needs_validation=training_args.do_eval)
@@ -66,6 +67,7 @@ def main():
     trainer = CodistillTrainer(
         model=model,
         args=training_args,
+        peft_config=lora_args.peft_config("CAUSAL_LM"),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -16,6 +16,7 @@ from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 from hf_codistill import CodistillTrainer
 from hf_codistill.recipes import (
+    LoraArguments,
     ModelArguments,
     TextDataArguments,
     build_models,
@@ -30,7 +31,7 @@ from hf_codistill.recipes.text import build_language_model, load_text_data, load
 
 
 def main():
-    model_args, data_args, training_args = start_recipe(ModelArguments, TextDataArguments)
+    model_args, data_args, lora_args, training_args = start_recipe(ModelArguments, TextDataArguments, LoraArguments)
 
     finetuned_from = default_to_minilm(model_args, "continuing the pre-training of")
     raw, data_description = load_text_data(data_args, model_args, training_args.seed,
@@ -53,6 +54,7 @@ def main():
     trainer = CodistillTrainer(
         model=model,
         args=training_args,
+        peft_config=lora_args.peft_config(None),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,

@@ -51,6 +51,14 @@ def test_peer_store_smoke(tmp_path):
     assert "| kill | last version published before it |" in out
 
 
+def test_adapters_smoke(tmp_path):
+    """LoRA peers: an adapter's bytes, a small fraction of the model's."""
+    out = run(BENCHMARKS / "adapters.py", "--smoke", "--json", str(tmp_path / "rows.json"))
+    (row,) = json.loads((tmp_path / "rows.json").read_text())["counts"]
+    assert 0 < row["adapter_bytes"] < 0.1 * row["whole_bytes"]
+    assert "| model | whole model P | LoRA r=8 adapter |" in out
+
+
 def test_communication_smoke(tmp_path):
     out = run(BENCHMARKS / "communication.py", "--smoke", "--json", str(tmp_path / "rows.json"))
     ddp, sharded = json.loads((tmp_path / "rows.json").read_text())

@@ -12,7 +12,7 @@ from torch import nn
 from hf_codistill import CodistillTrainingArguments
 from hf_codistill.checkpointing import INIT_NAME, PEERS_NAME, STATE_NAME, group_dir
 from hf_codistill.engine import CodistillEngine
-from hf_codistill.exchange import LocalPeers
+from hf_codistill.local_peers import LocalPeers
 from hf_codistill.losses import distillation_loss
 
 

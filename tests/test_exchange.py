@@ -4,7 +4,7 @@ cross-group bytes), and the copies of G models in one process."""
 import pytest
 import torch
 
-from hf_codistill.exchange import LocalPeers
+from hf_codistill.local_peers import LocalPeers
 from tests.conftest import SCRIPTS
 
 SCRIPT = SCRIPTS / "exchange_peers.py"

@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments, peer_forward
 from hf_codistill.engine import CodistillEngine
-from hf_codistill.exchange import LocalPeers
+from hf_codistill.local_peers import LocalPeers
 from hf_codistill.losses import distillation_loss, flat_label_mask, sample_positions, select_labelled_positions
 from hf_codistill.peer_forward import peer_logits_at_labels, peer_logits_at_positions
 

@@ -14,7 +14,13 @@ Not needed to use `CodistillTrainer`: this is what the recipes share, in the sty
 The core of `hf_codistill` never imports this subpackage.
 """
 
-from .arguments import ClassificationDataArguments, ImageDataArguments, ModelArguments, TextDataArguments
+from .arguments import (
+    ClassificationDataArguments,
+    ImageDataArguments,
+    LoraArguments,
+    ModelArguments,
+    TextDataArguments,
+)
 from .workflow import (
     build_models,
     classification_metrics,
@@ -29,6 +35,7 @@ from .workflow import (
 __all__ = [
     "ClassificationDataArguments",
     "ImageDataArguments",
+    "LoraArguments",
     "ModelArguments",
     "TextDataArguments",
     "build_models",

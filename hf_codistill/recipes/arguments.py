@@ -51,6 +51,33 @@ class ModelArguments:
 
 
 @dataclass
+class LoraArguments:
+    """Train LoRA adapters of the model instead of the model (TRL's flag names); codistilled groups then hold their
+    peers as adapters on their own base model and exchange the adapters only."""
+
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (needs `pip install peft`)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (the update is alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules to adapt, e.g. `c_attn` (GPT-2) or `query value` (BERT); unset: peft's default "
+                          "for the architecture.", "nargs": "+"},
+    )
+
+    def peft_config(self, task_type: str | None = None):
+        """The `peft.LoraConfig` these flags describe, or None without `--use_peft`."""
+        if not self.use_peft:
+            return None
+        try:
+            from peft import LoraConfig
+        except ImportError as error:
+            raise ImportError("`--use_peft` needs the `peft` package: `pip install peft`.") from error
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.lora_target_modules, task_type=task_type)
+
+
+@dataclass
 class TextDataArguments:
     """Which text to train on and how to cut it into examples."""
 

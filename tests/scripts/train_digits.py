@@ -23,6 +23,7 @@ from transformers import (
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from benchmarks.plain_exit import exit_plain_worker  # noqa: E402
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
+from hf_codistill.exchange import exchanged_tensors  # noqa: E402
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -82,7 +83,8 @@ class Recorder(TrainerCallback):
         self.start = checksum(self.trainer.model.parameters())
 
     def on_step_end(self, args, state, control, **kwargs):
-        record = {"step": state.global_step, "own": checksum(self.trainer.model.parameters())}
+        record = {"step": state.global_step, "own": checksum(self.trainer.model.parameters()),
+                  "own_exchanged": checksum(exchanged_tensors(self.trainer.model).values())}
         peer_dtype = getattr(args, "peer_torch_dtype", None)
         if peer_dtype is not None:  # what the peers should hold of this model after an exchange
             record["own_in_peer_dtype"] = checksum(p.to(peer_dtype) for p in self.trainer.model.parameters())
@@ -142,8 +144,18 @@ def main():
     else:
         set_seed(args.seed)
         trainer_cls = Trainer
-    model = tiny_vit(int(options.get("hidden_size", 32)))
     trainer_kwargs = {}
+    if options.get("lora") in ("shared_base", "own_base"):
+        # LoRA on one frozen base: built under one seed in every group (or, `own_base`, under the group's seed).
+        from peft import LoraConfig
+
+        torch.manual_seed(1234 if options["lora"] == "shared_base" else args.group_seed)
+        model = tiny_vit(int(options.get("hidden_size", 32)))
+        set_seed(args.group_seed)
+        trainer_kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   modules_to_save=["classifier"])
+    else:
+        model = tiny_vit(int(options.get("hidden_size", 32)))
     if "stop_group_one_at" in options:
         # Groups that decide differently: group 0's `score` improves at every evaluation, group 1's never after the
         # first, and group 1 alone asks to stop.
