@@ -223,6 +223,15 @@ class CodistillTrainingArguments(TrainingArguments):
                     f"{', '.join(f'`{name}`' for name in ignored)} only act on codistilled models and are ignored "
                     "without `codistill=True` (`--codistill`): this trains one all-reduce model."
                 )
+        store_only = {"codistill_group_index": None, "codistill_peer_max_age_steps": None,
+                      "codistill_peer_max_age_seconds": None, "codistill_peer_wait_seconds": 300.0,
+                      "codistill_peer_store_keep": 2}
+        ignored = [name for name, default in store_only.items() if getattr(self, name) != default]
+        if self.codistill and not self.codistill_peer_store and ignored:
+            logger.warning(
+                f"{', '.join(f'`{name}`' for name in ignored)} only act on groups launched apart, which "
+                "`codistill_peer_store` (`--codistill_peer_store DIR`) sets up; they are ignored without it."
+            )
         scheduler = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
         if self.codistill_weight_decay_schedule == "follow_lr" and scheduler in ("constant", "constant_with_warmup"):
             logger.warning(

@@ -51,7 +51,8 @@ def alpha_at(step: int, args) -> float:
 
 
 class PeerSet(Protocol):
-    """The peers a process distils from (`hf_codistill.exchange` documents the interface and its two kinds)."""
+    """The peers a process distils from (`hf_codistill.exchange` documents the interface; `PeerCopies` there,
+    `LocalPeers` in one process, `StorePeers` for groups launched apart)."""
 
     dtype: torch.dtype | None
     restores_from_checkpoint: bool

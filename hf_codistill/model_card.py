@@ -39,8 +39,14 @@ def last_eval_metrics(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
+def with_codistillation_tag(tags) -> list[str]:
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    return tags + (["codistillation"] if "codistillation" not in tags else [])
+
+
 def codistillation_section(args, group_index: int, num_groups: int, group_size: int, peers: list[str],
-                           dataset: str | list[str] | None, eval_metrics: dict[str, float]) -> str:
+                           dataset: str | list[str] | None, eval_metrics: dict[str, float],
+                           base_model: str | None = None) -> str:
     own = {key: value for key, value in eval_metrics.items() if "ensemble" not in key and "agreement" not in key}
     shared = {key: value for key, value in eval_metrics.items() if key not in own}
     lines = [
@@ -62,6 +68,11 @@ def codistillation_section(args, group_index: int, num_groups: int, group_size: 
         f"| burn-in / alpha warm-up steps | {args.codistill_burn_in_steps} / {args.codistill_alpha_warmup_steps} |",
         f"| peers | {', '.join(peers)} |",
     ]
+    if base_model is not None:
+        lines.append(f"| trained | adapters (PEFT) on the frozen base model {base_model}; its peers are adapters |")
+    if getattr(args, "codistill_peer_store", None):
+        lines.append("| peer exchange | through a peer store (groups launched apart; peers as stale as the store "
+                     "made them) |")
     if dataset:
         lines.append(f"| data | {dataset if isinstance(dataset, str) else ', '.join(dataset)} |")
     for title, metrics in (("This model's evaluation", own), ("Ensemble of all models and agreement", shared)):

@@ -10,30 +10,32 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import datasets
 import torch
-from datasets.distributed import split_dataset_by_node
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
-from transformers.utils import logging
 
-from .adapters import EVALUATION_PEER_ADAPTER, saving_own_adapter_only, with_adapters
+from .adapters import EVALUATION_PEER_ADAPTER, is_peft_model, saving_own_adapter_only, with_adapters
 from .checkpointing import group_dir, resolve_resume_checkpoint, write_run_info
 from .compat import align_loss_accounting, say_trained_from_scratch
 from .config import CodistillTrainingArguments
 from .engine import CodistillEngine, alpha_at
 from .exchange import PeerCopies, ring_peers
-from .model_card import add_codistillation_section, codistillation_section, last_eval_metrics, peer_names
+from .group_data import group_stream
+from .model_card import (
+    add_codistillation_section,
+    codistillation_section,
+    last_eval_metrics,
+    peer_names,
+    with_codistillation_tag,
+)
 from .peer_evaluation import PeerEvaluation
 from .peer_forward import is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .step_metrics import InitialParameters, ParameterDistanceCallback
 from .store_peers import StorePeers
 from .topology import GroupTopology, SeparateGroup, get_topology
-
-logger = logging.get_logger(__name__)
 
 
 class CodistillTrainer(Trainer):
@@ -201,21 +203,10 @@ class CodistillTrainer(Trainer):
         return super().train(resume_from_checkpoint, *a, **kw)
 
     def _split_stream_between_groups(self) -> None:
-        """A data set is reshuffled per group (seed + group index), but a stream has no order to reshuffle: left
-        alone, every group would read the same examples in the same order. Each group reads its own 1/G of a
-        `datasets.IterableDataset` instead, as G x n data-parallel workers would."""
-        dataset = self.train_dataset
-        if isinstance(dataset, datasets.IterableDataset):
-            if dataset is not getattr(self, "_group_stream", None):  # not split yet (a first or a new data set)
-                self.train_dataset = self._group_stream = split_dataset_by_node(
-                    dataset, rank=self.group_index, world_size=self.num_groups
-                )
-        elif isinstance(dataset, torch.utils.data.IterableDataset):
-            logger.warning(
-                "The training set is a torch `IterableDataset`: every group will read the same stream. Give each "
-                "group its own part (e.g. by `trainer.group_index`), or pass a `datasets.IterableDataset`, which "
-                "CodistillTrainer splits between groups."
-            )
+        """Each group reads its own 1/G of a streamed training set (`hf_codistill.group_data`), split once."""
+        if self.train_dataset is not getattr(self, "_group_stream", None):  # a first or a new data set
+            self.train_dataset = self._group_stream = group_stream(self.train_dataset, self.group_index,
+                                                                   self.num_groups)
 
     def _codistilled_group_of(self, model: nn.Module) -> int | None:
         """The group whose model `model` is (this process trains one: any model in training is it)."""
@@ -398,9 +389,7 @@ class CodistillTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """Trainer's card, tagged `codistillation`, plus a section with G, k, alpha, the peers and the ensemble."""
         if self.codistilling:
-            tags = kwargs.get("tags") or []
-            tags = [tags] if isinstance(tags, str) else list(tags)
-            kwargs["tags"] = tags + (["codistillation"] if "codistillation" not in tags else [])
+            kwargs["tags"] = with_codistillation_tag(kwargs.get("tags"))
         super().create_model_card(*args, **kwargs)
         if not self.is_world_process_zero():
             return
@@ -415,5 +404,7 @@ class CodistillTrainer(Trainer):
             peers=peer_names(own_name, self.group_index,
                              ring_peers(self.group_index, self.num_groups, self.args.codistill_num_peers)),
             dataset=kwargs.get("dataset"), eval_metrics=last_eval_metrics(self.state.log_history),
+            base_model=self.model.peft_config[self.model.active_adapter].base_model_name_or_path
+            if is_peft_model(self.model) else None,
         )
         add_codistillation_section(card, section)

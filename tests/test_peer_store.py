@@ -16,6 +16,7 @@ from transformers.testing_utils import CaptureLogger
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments
 from hf_codistill.checkpointing import STATE_NAME
+from hf_codistill.config import logger as config_logger
 from hf_codistill.peer_store import INIT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, PeerStore, redacted
 from hf_codistill.peer_store import logger as store_logger
 from hf_codistill.store_peers import StorePeers
@@ -139,6 +140,10 @@ def test_peer_store_arguments(tmp_path, monkeypatch):
         CodistillTrainingArguments(**common, codistill_group_index=0, codistill_peer_max_age_seconds=-1)
     with pytest.raises(ValueError, match="Drop one of the two"):
         CodistillTrainingArguments(**common, codistill_group_index=0, codistill_overlap_exchange=True)
+    without_store = {key: value for key, value in common.items() if key != "codistill_peer_store"}
+    with CaptureLogger(config_logger) as captured:
+        CodistillTrainingArguments(**without_store, codistill_peer_max_age_seconds=5)
+    assert "`codistill_peer_max_age_seconds` only act on groups launched apart" in captured.out
     args = CodistillTrainingArguments(**common, codistill_group_index=0)
     with pytest.raises(ValueError, match="one group with one model"):
         CodistillTrainer(model=[tiny_vit(), tiny_vit()], args=args, train_dataset=digits_dataset(32)[0])
