@@ -287,12 +287,15 @@ class CodistillTrainingArguments(TrainingArguments):
                 "for a single model, drop `--codistill`."
             )
         if self.deepspeed or self.fsdp:
-            # Peers are copied and exchanged as whole, unsharded modules: a sharded model's parameters on this rank
-            # are a shard (or empty), so the peers and the exchange would silently be wrong.
+            # DeepSpeed's shards are not what the exchange copies, so its peers would silently be wrong. FSDP2 peers
+            # exist (`hf_codistill.sharding`, sharded and exchanged shard to shard), but a checkpoint written by one
+            # rank per group would lose the other ranks' peer shards: refused until checkpoints hold every rank's.
             sharding = "deepspeed" if self.deepspeed else "fsdp"
             raise ValueError(
-                f"`{sharding}` is not supported with `codistill=True` yet: each group trains with DDP (its model "
-                "whole on every rank). Drop it, or train without `--codistill`."
+                f"`{sharding}` is not supported with `codistill=True` by the trainer yet: each group trains with DDP "
+                "(its model whole on every rank). Drop it, or train without `--codistill`. FSDP2 is the sharding "
+                "that codistillation will support: `hf_codistill.sharding` holds FSDP2 peers sharded like the student "
+                "for loops that apply `fully_shard` themselves."
             )
         if self.codistill_num_peers is not None and not 1 <= self.codistill_num_peers < self.num_groups:
             raise ValueError(

@@ -16,6 +16,8 @@ An exchange can also run in the background (`start_exchange` / `finish_exchange`
 started at step s on a snapshot of the parameters and applied at the next step boundary, so step s+1 still uses the
 previous peers and the peers lag one step more than with the blocking `exchange`.
 
+Groups sharded with FSDP2 hold each peer sharded the same way and exchange shard to shard (`hf_codistill.sharding`).
+
 `PeerCopies` (launched groups) is one of the *peer sets* the codistillation engine (`hf_codistill.engine`) works
 with, beside `hf_codistill.local_peers.LocalPeers` (all models in one process). A peer set answers:
 
@@ -53,6 +55,7 @@ from .adapters import (
     own_adapter_tensors,
     remove_adapter_peer,
 )
+from .sharding import is_fully_sharded, local_tensors, sharded_peer
 from .topology import GroupTopology
 
 
@@ -63,6 +66,8 @@ def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
         return model.tensors()
     if is_peft_model(model):
         return own_adapter_tensors(model)
+    if is_fully_sharded(model):
+        return local_tensors(model)  # this rank's shards: groups sharded alike exchange shard to shard
     tensors = OrderedDict(model.named_parameters())
     tensors.update(model.named_buffers())
     return tensors
@@ -83,6 +88,8 @@ def new_peer(model: nn.Module, group: int, dtype: torch.dtype | None = None, ada
     `adapter_name.format(group)`), else a frozen copy."""
     if is_peft_model(model):
         return add_adapter_peer(model, group, dtype, adapter_name)
+    if is_fully_sharded(model):
+        return sharded_peer(model, dtype)
     return frozen_copy(model, dtype)
 
 
@@ -138,7 +145,8 @@ class PeerCopies:
         self.model = model
         self.dtype = dtype
         self.topology = topology
-        self.sharded = sharded and topology.group_size > 1
+        # An FSDP2 model's tensors are already this rank's shards: the column moves them, nothing is gathered.
+        self.sharded = sharded and topology.group_size > 1 and not is_fully_sharded(model)
         group, num_groups = topology.group_index, topology.num_groups
         self.peers: dict[int, nn.Module] = {
             peer: new_peer(model, peer, dtype, adapter_name) for peer in ring_peers(group, num_groups, num_peers)
