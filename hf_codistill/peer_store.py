@@ -174,6 +174,9 @@ class PeerStore:
             entries = self.fs.ls(self._folder(group), detail=False)
         except FileNotFoundError:
             return []
+        except OSError as error:  # the store unreachable for now: no versions this time, never a crash
+            logger.warning(f"Cannot list {redacted(self.url)}/group_{group} ({type(error).__name__}): will retry.")
+            return []
         names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries]
         return sorted((n for n in names if _VERSION_RE.match(n)), key=_step_of, reverse=True)
 
@@ -198,6 +201,9 @@ class PeerStore:
             config = json.loads(self.fs.cat_file(f"{folder}/{CONFIG_NAME}"))
         except FileNotFoundError:
             return None  # not published yet, or pruned while we read
+        except OSError as error:
+            logger.warning(f"Cannot read {redacted(self.url)}/group_{group}/{name} ({type(error).__name__}).")
+            return None
         except (ValueError, TypeError) as error:  # a manifest or config that is not what this module writes
             logger.warning(f"Skipping {redacted(self.url)}/group_{group}/{name}: unreadable ({error}).")
             return None

@@ -66,9 +66,14 @@ class StorePeers:
         self.live: list[int] = []
         self.last_exchange_step: int | None = None
         self.num_exchanges = 0
+        self.publish_failures = 0
         self.rank, self.world_size = _group_world()
         if fresh and self.rank == 0:
-            self.store.clear()  # an earlier run's versions must not reach this run's peers
+            try:
+                self.store.clear()  # an earlier run's versions must not reach this run's peers
+            except OSError as error:
+                logger.warning(f"Could not clear this group's earlier versions from {redacted(store.url)} "
+                               f"({type(error).__name__}); the next publication supersedes them.")
 
     @classmethod
     def from_arguments(cls, model: nn.Module, args, fresh: bool) -> StorePeers:
@@ -120,7 +125,7 @@ class StorePeers:
     def refresh(self, step: int, background: bool = False) -> None:
         """Publish this group's model, then read each peer's newest version and decide which peers are live."""
         if self.rank == 0:
-            self.store.publish(self.model, step, self.dtype)
+            self._publish(step)
         for group in self.peer_groups:
             current = self.versions.get(group)
             loaded = None
@@ -135,6 +140,15 @@ class StorePeers:
         self.last_exchange_step = step
         self.num_exchanges += 1
 
+    def _publish(self, step: int) -> None:
+        """Publish this group's model; a store that fails for now costs the peers a version, never this training."""
+        try:
+            self.store.publish(self.model, step, self.dtype)
+        except OSError as error:
+            self.publish_failures += 1
+            logger.warning(f"Step {step}: could not publish to {redacted(self.store.url)} ({type(error).__name__}); "
+                           "training goes on and publishes again in `codistill_sync_every` steps.")
+
     def finish(self) -> None:
         pass  # reads and writes are done when `refresh` returns
 
@@ -148,7 +162,8 @@ class StorePeers:
         """Bytes moved through the store and, per peer, the step and age (seconds) of the version held."""
         now = time.time()
         counters = {"peer_exchanges": self.num_exchanges, "peer_store_bytes_written": self.store.bytes_written,
-                    "peer_store_bytes_read": self.store.bytes_read, "peers_live": len(self.live)}
+                    "peer_store_bytes_read": self.store.bytes_read, "peers_live": len(self.live),
+                    "peer_store_publish_failures": self.publish_failures}
         for group, version in sorted(self.versions.items()):
             counters[f"peer_{group}_step"] = version.step
             counters[f"peer_{group}_age_seconds"] = round(now - version.time, 3)

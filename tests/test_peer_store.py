@@ -109,6 +109,17 @@ def test_peers_of_another_width_stale_and_back_in_one_process(tmp_path):
     assert group_0.live == [1] and group_0.counters()["peer_1_step"] == 10
 
 
+def test_a_store_that_fails_never_stops_training(tmp_path):
+    """A store that cannot be written or read (here a path under a regular file) costs versions, not the run."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    peers = StorePeers(tiny_vit(), PeerStore(str(blocker / "store"), 0), num_groups=2, fresh=False)
+    with CaptureLogger(peers_logger) as published, CaptureLogger(store_logger) as read:
+        peers.refresh(5)
+    assert "could not publish" in published.out and "Cannot list" in read.out
+    assert peers.live == [] and peers.counters()["peer_store_publish_failures"] == 1
+
+
 def test_a_peer_with_other_outputs_is_refused_naming_both(tmp_path):
     torch.manual_seed(0)
     five_labels = ViTForImageClassification(tiny_vit().config.__class__(**{**tiny_vit().config.to_dict(),
