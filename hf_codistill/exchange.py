@@ -61,7 +61,8 @@ from .topology import GroupTopology
 
 def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """Parameters then buffers, by name, each shared tensor once: what defines a model's function. For a PEFT model
-    (and a peer held as its adapter) only the adapter's tensors: the frozen base is the same in every group."""
+    (and a peer held as its adapter) only the adapter's tensors: the frozen base is the same in every group; for an
+    FSDP2 model this rank's shards."""
     if isinstance(model, AdapterPeer):
         return model.tensors()
     if is_peft_model(model):
@@ -85,7 +86,7 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 def new_peer(model: nn.Module, group: int, dtype: torch.dtype | None = None, adapter_name: str = PEER_ADAPTER
              ) -> nn.Module:
     """Group `group`'s peer, shaped like `model`: an adapter on `model`'s own base for a PEFT model (named
-    `adapter_name.format(group)`), else a frozen copy."""
+    `adapter_name.format(group)`), a model sharded like it for an FSDP2 model, else a frozen copy."""
     if is_peft_model(model):
         return add_adapter_peer(model, group, dtype, adapter_name)
     if is_fully_sharded(model):

@@ -261,6 +261,7 @@ class CodistillTrainer(Trainer):
         compute_metrics, preprocess = self._single_model_metrics()
         peer_groups = self._fetch_current_peers()
         if peer_groups == []:  # groups launched apart, none of them live
+            self._eval_peers = None
             return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                            metric_key_prefix)
         self._peer_evaluation = PeerEvaluation(self.accelerator, self.group_index, self.causal_lm, preprocess,
