@@ -83,7 +83,10 @@ def output_space(model: nn.Module) -> dict:
 
 
 def describe(config: dict, outputs: dict) -> str:
-    return f"{(config.get('architectures') or ['?'])[0]} over {outputs['size']} {outputs['kind']}"
+    """E.g. "GPT2LMHeadModel over a vocabulary of 50257", "ViTForImageClassification over 10 labels"."""
+    space = (f"a vocabulary of {outputs['size']}" if outputs["kind"] == "vocabulary"
+             else f"{outputs['size']} {outputs['kind']}")
+    return f"{(config.get('architectures') or ['?'])[0]} over {space}"
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 import torch
-from transformers import ViTForImageClassification
+from transformers import GPT2Config, GPT2LMHeadModel, ViTForImageClassification
 from transformers.testing_utils import CaptureLogger
 
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments
@@ -127,6 +127,25 @@ def test_a_peer_with_other_outputs_is_refused_naming_both(tmp_path):
     StorePeers(five_labels, PeerStore(str(tmp_path), 1), num_groups=2).refresh(0)
     with pytest.raises(ValueError, match="over 5 labels.*group 0 trains ViTForImageClassification over 10 labels"):
         StorePeers(tiny_vit(), PeerStore(str(tmp_path), 0), num_groups=2).refresh(0)
+
+
+def test_language_models_of_two_sizes_share_a_vocabulary_and_no_other(tmp_path):
+    """A small and a larger GPT-2 are peers (the same 64 tokens); a vocabulary of another size is refused."""
+    def gpt2(width, vocab=64):
+        torch.manual_seed(width)
+        return GPT2LMHeadModel(GPT2Config(n_embd=width, n_layer=1, n_head=2, vocab_size=vocab, n_positions=16))
+
+    small, large = gpt2(16), gpt2(32)
+    StorePeers(large, PeerStore(str(tmp_path), 1), num_groups=2).refresh(0)
+    peers = StorePeers(small, PeerStore(str(tmp_path), 0), num_groups=2)
+    peers.refresh(0)
+    tokens = torch.randint(0, 64, (2, 8))
+    peer = peers.peers_of(0)[1]
+    assert peer.config.n_embd == 32
+    assert torch.equal(peer(input_ids=tokens).logits, large.eval()(input_ids=tokens).logits)
+    StorePeers(gpt2(32, vocab=80), PeerStore(str(tmp_path / "other"), 1), num_groups=2).refresh(0)
+    with pytest.raises(ValueError, match="over a vocabulary of 80.*GPT2LMHeadModel over a vocabulary of 64"):
+        StorePeers(small, PeerStore(str(tmp_path / "other"), 0), num_groups=2).refresh(0)
 
 
 def test_a_config_naming_a_class_outside_transformers_is_refused(tmp_path):
