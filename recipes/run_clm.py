@@ -6,6 +6,9 @@
     accelerate launch --config_file recipes/configs/cpu_4proc_2groups.yaml recipes/run_clm.py \
         --codistill --do_train --do_eval --max_seq_length 128 --max_steps 200 --output_dir runs/clm-shakespeare
     # without --codistill: a plain Trainer recipe, the all-reduce baseline
+    # with --use_peft [--lora_r 8 --lora_target_modules c_attn] and a pre-trained --model_name_or_path (the groups
+    # must share the base): LoRA adapters, peers held as adapters on each group's base; with
+    # --codistill_peer_store DIR --codistill_group_index g: each launch is one group, the groups meet through the store
 
 Model: `--model_name_or_path` (Hub id or folder), or `--config_name` [+ `--config_overrides`] + `--tokenizer_name` to
 train from scratch; with none, a 4-layer GPT-2 of width 128 (change it with `--config_overrides`) and GPT-2's BPE
