@@ -126,6 +126,7 @@ def test_each_group_saves_its_adapter_in_peft_format(lora_run):
         assert set(model.peft_config) == {"default"}
 
 
+@pytest.mark.slow  # a second 4-process launch
 def test_a_resumed_lora_run_continues_exactly(lora_run, tmp_path, launcher):
     root, ranks = lora_run
     resumed_out = tmp_path / "out"

@@ -243,6 +243,7 @@ def test_two_launches_of_other_widths_train_together_through_the_store(tmp_path)
                 assert mine["peers"] == theirs["peers"]
 
 
+@pytest.mark.slow  # three launches, one of them long enough to outlive the kill
 def test_a_killed_group_resumes_alone_while_the_other_finishes(tmp_path):
     """SIGKILL group 0 after its first complete checkpoint: group 1 finishes without waiting, logs group 0 as stale
     once its version is older than the bound; group 0 relaunched resumes from its own last complete checkpoint."""
