@@ -32,7 +32,7 @@ from transformers.trainer import SCALER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.utils import can_return_loss, find_labels
 
-from .adapters import with_adapters
+from .adapters import is_peft_model, with_adapters
 from .checkpointing import sibling_checkpoint
 from .config import CodistillTrainingArguments
 from .local_peers import LocalPeers
@@ -93,10 +93,12 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
             **trainer_kwargs,
         )
         self._group_args[0] = self.args  # the very object Trainer set up, so that `_for_model(0)` changes nothing
-        # Trainer reads these from the class of `self.model`, which here is the holder of the models.
+        # Trainer reads these from the class of `self.model`, which here is the holder of the models (and, as Trainer
+        # does, from a PEFT model's base model).
+        inspected = models[0].get_base_model() if is_peft_model(models[0]) else models[0]
         if args.label_names is None:
-            self.label_names = find_labels(type(models[0]))
-        self.can_return_loss = can_return_loss(type(models[0]))
+            self.label_names = find_labels(type(inspected))
+        self.can_return_loss = can_return_loss(type(inspected))
         self.model.share_use_cache()
         self._hub_model_ids = [self.hub_model_id] + [None] * (len(models) - 1)
         self._grad_norms: list[float | None] = [None] * len(models)
@@ -193,7 +195,9 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
         if self._signature_columns is None:
             columns = []
             for each in self.models:
-                columns += [name for name in inspect.signature(each.forward).parameters if name not in columns]
+                # A PEFT model's `forward` takes `*args, **kwargs`: its base model names the inputs (as in Trainer).
+                inspected = each.get_base_model() if is_peft_model(each) else each
+                columns += [name for name in inspect.signature(inspected.forward).parameters if name not in columns]
             self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
 
     def get_train_dataloader(self):

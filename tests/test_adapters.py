@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from hf_codistill import CodistillTrainer, CodistillTrainingArguments
 from hf_codistill.adapters import (
     AdapterPeer,
     add_adapter_peer,
@@ -17,7 +18,7 @@ from hf_codistill.adapters import (
 from hf_codistill.exchange import exchanged_tensors, new_peer
 from hf_codistill.local_peers import LocalPeers
 from tests.conftest import SCRIPTS
-from tests.scripts.train_digits import tiny_vit
+from tests.scripts.train_digits import digits_dataset, tiny_vit
 
 SCRIPT = SCRIPTS / "train_digits.py"
 COMMON = ["--per_device_train_batch_size", "16", "--max_steps", "8", "--logging_steps", "2", "--report_to", "none",
@@ -84,6 +85,22 @@ def test_a_resumed_run_shares_the_base_again_and_keeps_each_adapter():
     LocalPeers(models, live=False).share_initialisation(base_only=True)
     assert base_fingerprint(models[0]) == base_fingerprint(models[1])
     assert all(torch.equal(adapter[name], t) for name, t in own_adapter_tensors(models[1]).items())
+
+
+def test_a_list_of_models_with_peft_config_trains_in_one_process(tmp_path):
+    """`peft_config=` with a list of models: each model gets its adapters (on its own base) and saves them alone."""
+    train, evaluation = digits_dataset(128)
+    args = CodistillTrainingArguments(output_dir=str(tmp_path), codistill=True, num_groups=2, codistill_sync_every=2,
+                                      max_steps=4, per_device_train_batch_size=16, learning_rate=1e-2, report_to=[],
+                                      save_strategy="no")
+    trainer = CodistillTrainer(model=[tiny_vit_at(1234), tiny_vit_at(1234)], args=args, train_dataset=train,
+                               eval_dataset=evaluation, peft_config=LORA)
+    trainer.train()
+    assert all(isinstance(model, PeftModel) for model in trainer.models)
+    assert 0 <= trainer.evaluate()["eval_agreement_0_1"] <= 1
+    trainer.save_model()
+    model = PeftModel.from_pretrained(tiny_vit_at(1234), tmp_path, subfolder="group_1")
+    assert set(model.peft_config) == {"default"}
 
 
 def tiny_vit_at(seed):
