@@ -78,6 +78,11 @@ class StorePeers:
     @classmethod
     def from_arguments(cls, model: nn.Module, args, fresh: bool) -> StorePeers:
         """The peer set that `CodistillTrainingArguments` describe (`codistill_peer_store` and its options)."""
+        if not hasattr(getattr(model, "config", None), "to_dict"):
+            raise ValueError(
+                "`codistill_peer_store` publishes each model with its config, so that peers can rebuild it: train a "
+                f"`transformers` model (a `PreTrainedModel`), not a {type(model).__name__}."
+            )
         if is_peft_model(model):
             raise ValueError(
                 "`codistill_peer_store` publishes whole models; adapters (PEFT) through a store are not supported "

@@ -175,6 +175,8 @@ def test_peer_store_arguments(tmp_path, monkeypatch):
         CodistillTrainingArguments(**without_store, codistill_peer_max_age_seconds=5)
     assert "`codistill_peer_max_age_seconds` only act on groups launched apart" in captured.out
     args = CodistillTrainingArguments(**common, codistill_group_index=0)
+    with pytest.raises(ValueError, match="publishes each model with its config"):
+        StorePeers.from_arguments(torch.nn.Linear(2, 2), args, fresh=False)
     with pytest.raises(ValueError, match="one group with one model"):
         CodistillTrainer(model=[tiny_vit(), tiny_vit()], args=args, train_dataset=digits_dataset(32)[0])
 
