@@ -22,8 +22,9 @@ DISTILLATION_LOSSES = ("kl", "ce", "mse")
 PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The docstring sections of `CodistillTrainingArguments` whose options act only on codistilled groups, and those whose
 # options also serve the all-reduce baseline. `CODISTILL_ONLY_OPTIONS` is derived from them below the class.
+_PEER_STORE_SECTION = "Parameters that let groups be launched apart"
 _CODISTILL_ONLY_SECTIONS = ("Parameters that control codistillation", "Parameters that control the peer exchange",
-                            "Parameters that let groups be launched apart")
+                            _PEER_STORE_SECTION)
 _BASELINE_SECTIONS = ("Parameters that account for codistillation's regularisation",)
 
 
@@ -223,10 +224,9 @@ class CodistillTrainingArguments(TrainingArguments):
                     f"{', '.join(f'`{name}`' for name in ignored)} only act on codistilled models and are ignored "
                     "without `codistill=True` (`--codistill`): this trains one all-reduce model."
                 )
-        store_only = {"codistill_group_index": None, "codistill_peer_max_age_steps": None,
-                      "codistill_peer_max_age_seconds": None, "codistill_peer_wait_seconds": 300.0,
-                      "codistill_peer_store_keep": 2}
-        ignored = [name for name, default in store_only.items() if getattr(self, name) != default]
+        store_only = _PEER_STORE_SECTION_OPTIONS[1:]  # the store itself turns the others on
+        defaults = {f.name: f.default for f in fields(self) if f.name in store_only}
+        ignored = [name for name in store_only if getattr(self, name) != defaults[name]]
         if self.codistill and not self.codistill_peer_store and ignored:
             logger.warning(
                 f"{', '.join(f'`{name}`' for name in ignored)} only act on groups launched apart, which "
@@ -410,3 +410,8 @@ def _codistill_only_options() -> tuple[str, ...]:
 
 # Options that only act on codistilled groups: `__post_init__` warns when one is set without `codistill`.
 CODISTILL_ONLY_OPTIONS = _codistill_only_options()
+# The options of groups launched apart, in field order (`codistill_peer_store` first).
+_PEER_STORE_SECTION_OPTIONS = tuple(
+    name for name, entry in parse_parameters(CodistillTrainingArguments.__doc__).items()
+    if entry.section == _PEER_STORE_SECTION
+)

@@ -201,22 +201,23 @@ class CodistillEngine(TrainerCallback):
         metrics = self.step_metrics[group]
         metrics.add("task_loss", loss / (1 if loss_is_scaled_for_ga else ga_steps))
         alpha = self.current_alpha(step)
-        if alpha > 0 and self.peers.peers_of(group):  # groups launched apart may have no live peer for a while
-            distill = self.distillation_term(group, student_logits, peer_inputs, labels)
+        peers = self.peers.peers_of(group) if alpha > 0 else {}
+        if peers:  # groups launched apart may have no live peer for a while
+            distill = self.distillation_term(group, student_logits, peer_inputs, labels, peers)
             metrics.add("distill_loss", distill / ga_steps)
             loss = loss + alpha * (distill / ga_steps if loss_is_scaled_for_ga else distill)
         metrics.add("alpha", torch.tensor(alpha))
         return loss
 
     def distillation_term(self, group: int, student_logits: torch.Tensor, peer_inputs: dict,
-                          labels: torch.Tensor | None) -> torch.Tensor:
+                          labels: torch.Tensor | None, peers: dict[int, nn.Module] | None = None) -> torch.Tensor:
         """mean over the peers j of D(f_group(x), f_j(x)) at the positions that carry a label; each peer computes
         only what the term scores (`peer_forward`)."""
         causal_lm = is_causal_lm(self.models[group])
         scored = flat_label_mask(student_logits, labels, causal_lm)
         positions = sample_positions(scored, self.args.codistill_position_fraction)
         peer_inputs = in_precision(peer_inputs, self.peers.dtype)
-        peers = self.peers.peers_of(group)
+        peers = self.peers.peers_of(group) if peers is None else peers
         if self.shared_batch:
             # One batch for every model: each peer's whole predictions on it serve every other model this step.
             logits: Iterable = (self._shared_logits_of(index, peer, peer_inputs) for index, peer in peers.items())

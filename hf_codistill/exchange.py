@@ -306,16 +306,10 @@ class PeerCopies:
         """Fail clearly (instead of hanging or mis-copying) when the groups' models differ: in their number of
         tensors or values, or in the tensors' names, shapes or precisions (compared as a digest)."""
         tensors = exchanged_tensors(model)
-        sizes = torch.tensor([t.numel() for t in tensors.values()], dtype=torch.int64)
+        sizes = [t.numel() for t in tensors.values()]
         layout = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors.items())
         digest = int.from_bytes(hashlib.sha256(layout.encode()).digest()[:8], "big", signed=True)
-        header = torch.tensor([sizes.numel(), int(sizes.sum()), digest], dtype=torch.int64)
-        gathered = [torch.empty_like(header) for _ in range(self.topology.num_groups)]
-        device = next(iter(exchanged_tensors(model).values())).device
-        if device.type == "cuda":
-            header, gathered = header.to(device), [g.to(device) for g in gathered]
-        self.topology.column.allgather([gathered], [header]).wait()
-        headers = [tuple(g.tolist()) for g in gathered]
+        headers = self._every_groups([len(sizes), sum(sizes), digest], tensors)
         if len(set(headers)) != 1:
             described = ", ".join(f"group {i}: {n} tensors / {p} values" for i, (n, p, _) in enumerate(headers))
             if len({header[:2] for header in headers}) == 1:
@@ -327,13 +321,8 @@ class PeerCopies:
 
     def check_same_base(self, model: nn.Module) -> None:
         """Adapters are exchanged, not bases: refuse groups whose frozen base weights differ (`base_fingerprint`)."""
-        fingerprint = torch.tensor([base_fingerprint(model)], dtype=torch.int64)
-        gathered = [torch.empty_like(fingerprint) for _ in range(self.topology.num_groups)]
-        device = next(iter(exchanged_tensors(model).values())).device
-        if device.type == "cuda":
-            fingerprint, gathered = fingerprint.to(device), [g.to(device) for g in gathered]
-        self.topology.column.allgather([gathered], [fingerprint]).wait()
-        differing = [group for group, value in enumerate(gathered) if int(value) != int(gathered[0])]
+        fingerprints = self._every_groups([base_fingerprint(model)], exchanged_tensors(model))
+        differing = [group for group, value in enumerate(fingerprints) if value != fingerprints[0]]
         if differing:
             raise ValueError(
                 f"Groups {differing} hold other base weights than group 0 under their adapters: codistilled adapters "
@@ -341,6 +330,16 @@ class PeerCopies:
                 "and revision, same dtype) before adding its adapter. A base built from a config takes each group's "
                 "seed: adapt a pre-trained model, or build the base under one seed in every group."
             )
+
+    def _every_groups(self, values: list[int], tensors: OrderedDict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+        """`values` (int64) of every group, by group index, all-gathered over the column on `tensors`' device."""
+        header = torch.tensor(values, dtype=torch.int64)
+        device = next(iter(tensors.values())).device
+        if device.type == "cuda":  # NCCL gathers device tensors only
+            header = header.to(device)
+        gathered = [torch.empty_like(header) for _ in range(self.topology.num_groups)]
+        self.topology.column.allgather([gathered], [header]).wait()
+        return [tuple(g.tolist()) for g in gathered]
 
     @torch.no_grad()
     def broadcast_model(self, model: nn.Module, source_group: int = 0) -> None:
