@@ -45,6 +45,14 @@ def is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a `PeftModel`'s (or a student adapter's) adapters; `model` itself otherwise.
+    Its class and `forward` say what the model is (a causal LM?) and which inputs it takes, as Trainer reads them."""
+    if isinstance(model, OneAdapter):
+        model = model.shared_model
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def adapter_tensors(model: nn.Module, adapter: str) -> OrderedDict[str, torch.Tensor]:
     """The live tensors of adapter `adapter` of a `PeftModel` (LoRA factors, `modules_to_save` copies), keyed by
     their names without the adapter's, so that two adapters of one configuration list the same keys in one order."""
@@ -53,7 +61,20 @@ def adapter_tensors(model: nn.Module, adapter: str) -> OrderedDict[str, torch.Te
                        if marker in name)
 
 
-class AdapterPeer(nn.Module):
+class OneAdapter(nn.Module):
+    """One adapter of a `PeftModel` whose base other adapters share (`shared_model`): a peer or a student. What
+    defines it is its adapter's tensors, which the exchange moves and checkpoints hold."""
+
+    adapter: str
+
+    def tensors(self) -> OrderedDict[str, torch.Tensor]:
+        return adapter_tensors(self.shared_model, self.adapter)
+
+    def get_output_embeddings(self):
+        return self.shared_model.get_output_embeddings()
+
+
+class AdapterPeer(OneAdapter):
     """A peer held as an adapter of the student's own `PeftModel`.
 
     Not a submodule of anything: the base weights are the student's. Its forward runs the shared model in eval mode
@@ -77,12 +98,6 @@ class AdapterPeer(nn.Module):
             if training:
                 model.train()
 
-    def get_output_embeddings(self):
-        return self.shared_model.get_output_embeddings()
-
-    def tensors(self) -> OrderedDict[str, torch.Tensor]:
-        return adapter_tensors(self.shared_model, self.adapter)
-
     def parameters(self, recurse: bool = True):
         return iter(self.tensors().values())
 
@@ -95,13 +110,13 @@ class AdapterPeer(nn.Module):
 
 
 def add_adapter_peer(model: nn.Module, group: int, dtype: torch.dtype | None = None,
-                     name_format: str = PEER_ADAPTER) -> AdapterPeer:
-    """Add group `group`'s peer to `model` as a frozen adapter of the student's configuration (in `dtype` if given),
-    named `name_format.format(group)`."""
+                     name_format: str = PEER_ADAPTER, like: str | None = None) -> AdapterPeer:
+    """Add group `group`'s peer to `model` as a frozen adapter of the configuration of adapter `like` (by default
+    the active one: the student's), in `dtype` if given, named `name_format.format(group)`."""
     name = name_format.format(group)
-    own = model.active_adapter
-    model.add_adapter(name, model.peft_config[own])
-    model.set_adapter(own)  # keeps the student's adapter the active, trainable one
+    active = model.active_adapter
+    model.add_adapter(name, model.peft_config[like or active])
+    model.set_adapter(active)  # keeps the student's adapter the active, trainable one
     peer = AdapterPeer(model, name)
     for tensor in peer.tensors().values():
         tensor.requires_grad_(False)

@@ -14,6 +14,8 @@ from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from .adapters import base_model_of
+
 # The transformers versions on which every hook below was checked (`tests/test_compat.py` checks that they exist with
 # the parameters used here; pyproject.toml pins the range).
 CHECKED_TRANSFORMERS = ("5.18", "5.24")
@@ -39,6 +41,8 @@ PRIVATE_TRAINER_HOOKS = {
     "_load_from_checkpoint": (
         ("resume_from_checkpoint", "model"), "one process", "each model's weights from its own group's checkpoint"),
     "_load_best_model": ((), "one process", "`load_best_model_at_end` for every model"),
+    "_save": (("output_dir", "state_dict"), "one process",
+              "save a student adapter of one shared base in PEFT's format (Trainer does so for `PeftModel`s only)"),
 }
 
 
@@ -74,7 +78,9 @@ def say_trained_from_scratch(card_path: str) -> None:
 
 
 def align_loss_accounting(model: nn.Module) -> None:
-    """Make Trainer normalise `model`'s loss the way the model computes it (both workarounds below)."""
+    """Make Trainer normalise `model`'s loss the way the model computes it (both workarounds below); for a PEFT
+    model, its base model's, which Trainer reads through it."""
+    model = base_model_of(model)
     disable_unsupported_loss_kwargs(model)
     name_causal_lm_loss(model)
 

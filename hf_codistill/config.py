@@ -19,7 +19,7 @@ from .topology import GroupTopology, get_topology, init_groups, launched_world_s
 logger = logging.get_logger(__name__)
 
 DISTILLATION_LOSSES = ("kl", "ce", "mse")
-PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 # The docstring sections of `CodistillTrainingArguments` whose options act only on codistilled groups, and those whose
 # options also serve the all-reduce baseline. `CODISTILL_ONLY_OPTIONS` is derived from them below the class.
 _PEER_STORE_SECTION = "Parameters that let groups be launched apart"
@@ -129,8 +129,11 @@ class CodistillTrainingArguments(TrainingArguments):
         codistill_peer_dtype (`str`, *optional*):
             Precision of the stale peer copies and of the exchange that refreshes them: `"bfloat16"` or `"float16"`
             halve both the peers' memory and the bytes crossing group boundaries (`benchmarks/README.md` measures
-            the effect on accuracy). Unset: the model's own precision. Floating-point inputs (pixel values) are cast
-            to it for the peers' forward; the models themselves train, save and evaluate in full precision.
+            the effect on accuracy). `"int8"` holds and sends each peer's weight matrices as int8 with a scale per
+            row, a quarter of float32, dequantised one layer at a time in the peer's forward (whole models exchanged
+            by the collective exchange; not with adapters, FSDP2 or a peer store). Unset: the model's own precision.
+            Floating-point inputs (pixel values) are cast to a floating peer precision for the peers' forward; the
+            models themselves train, save and evaluate in full precision.
         codistill_position_fraction (`float`, *optional*, defaults to `1.0`):
             Language models: score the distillation term at ceil(fraction x positions) positions of the batch, drawn
             at random every step, labelled ones first (unlabelled ones among them do not count); the peers' output
@@ -270,6 +273,11 @@ class CodistillTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`codistill_peer_dtype` must be one of {', '.join(PEER_DTYPES)} (or unset for the model's own "
                 f"precision), got {self.codistill_peer_dtype!r}."
+            )
+        if self.codistill_peer_dtype == "int8" and self.codistill_peer_store:
+            raise ValueError(
+                "`codistill_peer_dtype='int8'` quantises peers that the collective exchange refreshes; with "
+                "`codistill_peer_store` use `bfloat16` (halves the store's bytes) or leave it unset."
             )
         if not 0 < self.codistill_position_fraction <= 1:
             raise ValueError(

@@ -48,6 +48,7 @@ from torch import nn
 from .adapters import (
     PEER_ADAPTER,
     AdapterPeer,
+    OneAdapter,
     add_adapter_peer,
     base_fingerprint,
     base_tensors,
@@ -55,6 +56,7 @@ from .adapters import (
     own_adapter_tensors,
     remove_adapter_peer,
 )
+from .quantization import INT8, as_sent, is_quantized, quantize_peer, quantized_tensors
 from .sharding import is_fully_sharded, local_tensors, sharded_peer
 from .topology import GroupTopology
 
@@ -63,8 +65,10 @@ def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """Parameters then buffers, by name, each shared tensor once: what defines a model's function. For a PEFT model
     (and a peer held as its adapter) only the adapter's tensors: the frozen base is the same in every group; for an
     FSDP2 model this rank's shards."""
-    if isinstance(model, AdapterPeer):
+    if isinstance(model, OneAdapter):
         return model.tensors()
+    if is_quantized(model):
+        return quantized_tensors(model)  # int8 rows and their scales (`hf_codistill.quantization`)
     if is_peft_model(model):
         return own_adapter_tensors(model)
     if is_fully_sharded(model):
@@ -76,19 +80,33 @@ def exchanged_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
 
 def frozen_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of `model` for inference only: eval mode (no dropout, so no RNG is consumed) and no gradients; its
-    floating-point parameters and buffers in `dtype` if given."""
+    floating-point parameters and buffers in `dtype` if given (int8: its weight matrices, see `quantization`)."""
+    _refuse_int8_adapters(model, dtype)
     peer = copy.deepcopy(model)
     peer.eval()
     peer.requires_grad_(False)
+    if dtype == INT8:
+        return quantize_peer(peer)
     return peer.to(dtype) if dtype is not None else peer
+
+
+def _refuse_int8_adapters(model: nn.Module, dtype: torch.dtype | None) -> None:
+    if dtype == INT8 and (is_peft_model(model) or isinstance(model, OneAdapter)):
+        raise ValueError(
+            "`codistill_peer_dtype='int8'` quantises whole models' weight matrices; a peer held as an adapter is "
+            "small already: leave `codistill_peer_dtype` unset (or use bfloat16) with PEFT models."
+        )
 
 
 def new_peer(model: nn.Module, group: int, dtype: torch.dtype | None = None, adapter_name: str = PEER_ADAPTER
              ) -> nn.Module:
-    """Group `group`'s peer, shaped like `model`: an adapter on `model`'s own base for a PEFT model (named
-    `adapter_name.format(group)`), a model sharded like it for an FSDP2 model, else a frozen copy."""
+    """Group `group`'s peer, shaped like `model`: an adapter on `model`'s own base for a PEFT model or a student
+    adapter (named `adapter_name.format(group)`), a model sharded like it for an FSDP2 model, else a frozen copy."""
+    _refuse_int8_adapters(model, dtype)
     if is_peft_model(model):
         return add_adapter_peer(model, group, dtype, adapter_name)
+    if isinstance(model, OneAdapter):
+        return add_adapter_peer(model.shared_model, group, dtype, adapter_name, like=model.adapter)
     if is_fully_sharded(model):
         return sharded_peer(model, dtype)
     return frozen_copy(model, dtype)
@@ -239,9 +257,8 @@ class PeerCopies:
         """
         self.finish_exchange()
         topology = self.topology
-        # Each tensor travels in its peer copy's precision (a no-op unless the peers are held in lower precision).
-        wire = exchanged_tensors(next(iter(self.peers.values())))
-        own = {name: tensor.detach().to(wire[name].dtype) for name, tensor in exchanged_tensors(model).items()}
+        # Each tensor travels in its peer copy's format: its precision, or int8 rows with their scales.
+        own = as_sent(exchanged_tensors(model), exchanged_tensors(next(iter(self.peers.values()))))
         buckets = []
         for names in _buckets(own).values():
             flat = torch.cat([own[name].reshape(-1) for name in names])

@@ -8,13 +8,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import base_tensors, is_peft_model
-from .exchange import exchanged_tensors, frozen_copy, load_peers_state, peers_state, ring_peers
+from .adapters import AdapterPeer, base_tensors, is_peft_model
+from .exchange import exchanged_tensors, frozen_copy, load_peers_state, new_peer, peers_state, ring_peers
+from .quantization import as_sent
+from .shared_base import are_adapter_students, copy_adapter
 
 
 class LocalPeers:
     """The peer set of G models trained in one process: frozen copies (in `dtype` if given) of every model, refreshed
-    by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision."""
+    by copying, or (`live`, k = 1) the models themselves, which need no copies and keep their own precision.
+
+    Students that are adapters of one shared base (`hf_codistill.shared_base`) have their copies as more adapters of
+    it, and as live peers their own adapters run in eval mode (`AdapterPeer`), which leaves the training student's
+    adapter the active one."""
 
     restores_from_checkpoint = True
 
@@ -24,12 +30,17 @@ class LocalPeers:
         self.num_peers = num_peers
         self.live = live
         self.dtype = None if live else dtype
-        self.copies = None if live else [frozen_copy(models[group], dtype) for group in sorted(models)]
+        self.on_one_base = are_adapter_students(list(models.values()))
+        if self.on_one_base:
+            self.copies = ([AdapterPeer(models[group].shared_model, models[group].adapter) for group in sorted(models)]
+                           if live else [new_peer(models[group], group, dtype) for group in sorted(models)])
+        else:
+            self.copies = None if live else [frozen_copy(models[group], dtype) for group in sorted(models)]
         self.last_exchange_step: int | None = None
         self.num_exchanges = 0
 
     def model(self, group: int) -> nn.Module:
-        return self.models[group] if self.live else self.copies[group]
+        return self.copies[group] if self.copies is not None else self.models[group]
 
     def peers_of(self, group: int) -> dict[int, nn.Module]:
         return {peer: self.model(peer) for peer in ring_peers(group, len(self.models), self.num_peers)}
@@ -38,6 +49,11 @@ class LocalPeers:
         pass  # peers in one process may differ in architecture; their outputs are checked by the loss
 
     def share_initialisation(self, base_only: bool = False) -> None:
+        if self.on_one_base:  # one base already: start every student's adapter from student 0's
+            if not base_only:
+                for model in self.models.values():
+                    copy_adapter(self.models[0], model)
+            return
         if base_only:  # a resumed run: checkpoints hold each model but not a PEFT model's base
             if is_peft_model(self.models[0]):
                 reference = base_tensors(self.models[0])
@@ -61,11 +77,11 @@ class LocalPeers:
 
     @torch.no_grad()
     def refresh(self, step: int, background: bool = False) -> None:
-        if not self.live:
+        if not self.live:  # live peers are the models (or the students' adapters) themselves: nothing to copy
             for group, model in self.models.items():
-                targets, sources = exchanged_tensors(self.copies[group]), exchanged_tensors(model)
-                for target, source in zip(targets.values(), sources.values()):
-                    target.copy_(source)
+                targets = exchanged_tensors(self.copies[group])
+                for name, value in as_sent(exchanged_tensors(model), targets).items():
+                    targets[name].copy_(value)
         self.last_exchange_step = step
         self.num_exchanges += 1
 

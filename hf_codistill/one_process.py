@@ -32,7 +32,7 @@ from transformers.trainer import SCALER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import find_batch_size
 from transformers.utils import can_return_loss, find_labels
 
-from .adapters import is_peft_model, with_adapters
+from .adapters import base_model_of, with_adapters
 from .checkpointing import sibling_checkpoint
 from .config import CodistillTrainingArguments
 from .local_peers import LocalPeers
@@ -48,6 +48,7 @@ from .model_stack import (
 from .one_process_saving import PerModelSaving
 from .peer_forward import is_causal_lm
 from .peer_metrics import peer_compute_metrics, per_model_preprocess, top1_ids
+from .shared_base import adapter_students
 from .trainer import CodistillTrainer
 
 RNG_STATE_NAME = "rng_state.pth"
@@ -57,14 +58,15 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
     """Trains G codistilled models in one process; built by `CodistillTrainer(model=[m0, m1, ...], args=...)`.
 
     Takes `Trainer`'s arguments, with a list of models whose outputs share one space (they may differ in architecture
-    and size). `trainer.models` lists them; model g trains with seed `seed + g` for its data order and is saved to
-    `output_dir/group_<g>`. Pass your usual single-model `compute_metrics`: it is applied to every model and to their
-    ensemble. `predict()` returns one predictions array per model.
+    and size), or one model with `peft_config=` (or a `PeftModel`): then the G students are G adapters of that one
+    base (`hf_codistill.shared_base`). `trainer.models` lists them; model g trains with seed `seed + g` for its data
+    order and is saved to `output_dir/group_<g>`. Pass your usual single-model `compute_metrics`: it is applied to
+    every model and to their ensemble. `predict()` returns one predictions array per model.
     """
 
     def __init__(
         self,
-        model: list[nn.Module],
+        model: list[nn.Module] | nn.Module,
         args: CodistillTrainingArguments,
         *trainer_args,
         compute_metrics: Callable | None = None,
@@ -72,7 +74,11 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
         **trainer_kwargs,
     ):
         peft_config = trainer_kwargs.pop("peft_config", None)
-        models = with_adapters(list(model), peft_config) if peft_config is not None else list(model)
+        if not isinstance(model, (list, tuple)):
+            model = adapter_students(model, peft_config, [args.for_group(g).seed for g in range(args.num_groups)])
+        elif peft_config is not None:
+            model = with_adapters(list(model), peft_config)
+        models = list(model)
         check_list_of_models(models, args, trainer_kwargs)
         self.models = models
         self._group_args = [args.for_group(group) for group in range(len(models))]
@@ -95,7 +101,7 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
         self._group_args[0] = self.args  # the very object Trainer set up, so that `_for_model(0)` changes nothing
         # Trainer reads these from the class of `self.model`, which here is the holder of the models (and, as Trainer
         # does, from a PEFT model's base model).
-        inspected = models[0].get_base_model() if is_peft_model(models[0]) else models[0]
+        inspected = base_model_of(models[0])
         if args.label_names is None:
             self.label_names = find_labels(type(inspected))
         self.can_return_loss = can_return_loss(type(inspected))
@@ -196,7 +202,7 @@ class OneProcessCodistillTrainer(PerModelSaving, CodistillTrainer, trains_a_list
             columns = []
             for each in self.models:
                 # A PEFT model's `forward` takes `*args, **kwargs`: its base model names the inputs (as in Trainer).
-                inspected = each.get_base_model() if is_peft_model(each) else each
+                inspected = base_model_of(each)
                 columns += [name for name in inspect.signature(inspected.forward).parameters if name not in columns]
             self._signature_columns = columns + list(set(["label", "label_ids"] + self.label_names))
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+from transformers.trainer import TRAINING_ARGS_NAME
+
 from .checkpointing import sibling_checkpoint
 from .model_card import group_log_history
+from .shared_base import AdapterStudent
 
 
 class PerModelSaving:
@@ -91,7 +95,24 @@ class PerModelSaving:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # Private Trainer hook: each model's weights from its own group's checkpoint (the engine then reloads renamed
         # keys, see `compat.reload_renamed_weights`).
-        self._in_each_models_checkpoint(super()._load_from_checkpoint, resume_from_checkpoint)
+        self._in_each_models_checkpoint(self._load_own_weights, resume_from_checkpoint)
+
+    def _load_own_weights(self, checkpoint: str) -> None:
+        if isinstance(self.model, AdapterStudent):
+            self.model.load_adapter_weights(checkpoint)  # Trainer loads adapters of `PeftModel`s only
+        else:
+            super()._load_from_checkpoint(checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Private Trainer hook: a student adapter of the shared base is saved in PEFT's format, as Trainer saves a
+        # `PeftModel` (for other modules it writes the whole state dict), with what Trainer saves beside a model.
+        if not isinstance(self.model, AdapterStudent):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self.model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_best_model(self) -> None:
         # Private Trainer hook of `load_best_model_at_end`: the best step is chosen on model 0's metric.

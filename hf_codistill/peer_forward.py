@@ -20,18 +20,19 @@ import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .adapters import base_model_of
 from .losses import label_mask, labels_per_token, select_labelled_positions
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether `model` (unwrapped) is a causal LM: its position t is scored against label t+1."""
-    return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    """Whether `model` (unwrapped; a PEFT model's base) is a causal LM: its position t is scored against label t+1."""
+    return type(base_model_of(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
 def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:
     """`inputs` with its floating-point tensors (pixel values, input embeddings) in the peers' precision; token ids
     and masks unchanged. A peer held in bfloat16 cannot take float32 pixels outside autocast."""
-    if dtype is None:
+    if dtype is None or not dtype.is_floating_point:  # int8 peers compute in their model's own precision
         return inputs
     return {
         key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value

@@ -35,7 +35,16 @@ from .peer_forward import is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
 from .step_metrics import InitialParameters, ParameterDistanceCallback
 from .store_peers import StorePeers
-from .topology import GroupTopology, SeparateGroup, get_topology
+from .topology import GroupTopology, SeparateGroup, get_topology, launched_world_size
+
+
+def _adapters_on_one_base(model: nn.Module | None, args, peft_config) -> bool:
+    """Whether a single model is to train G students in this process, as G adapters of it (`shared_base`): with
+    codistillation, adapters (`peft_config` or a `PeftModel`), more than one group, and neither a launcher nor a store
+    to make this process one group."""
+    return (model is not None and (peft_config is not None or is_peft_model(model))
+            and getattr(args, "codistill", False) and args.num_groups > 1 and not args.codistill_peer_store
+            and launched_world_size() == 1)
 
 
 class CodistillTrainer(Trainer):
@@ -58,7 +67,8 @@ class CodistillTrainer(Trainer):
             CodistillTrainer._list_of_models_driver = cls
 
     def __new__(cls, model: nn.Module | list[nn.Module] | None = None, *args, **kwargs):
-        if cls is CodistillTrainer and isinstance(model, (list, tuple)):
+        if cls is CodistillTrainer and (isinstance(model, (list, tuple)) or _adapters_on_one_base(
+                model, args[0] if args else kwargs.get("args"), kwargs.get("peft_config"))):
             cls = CodistillTrainer._list_of_models_driver
         return super().__new__(cls)
 
@@ -106,7 +116,8 @@ class CodistillTrainer(Trainer):
                 "one group of ranks per model: launch with e.g. `torchrun --nproc_per_node "
                 f"{2 * args.num_groups} your_script.py` or `accelerate launch --multi_gpu --num_processes "
                 f"{2 * args.num_groups} your_script.py`; or, to train them all in this process, pass a list of "
-                f"{args.num_groups} models: `CodistillTrainer(model=[model_0, model_1, ...], ...)`."
+                f"{args.num_groups} models: `CodistillTrainer(model=[model_0, model_1, ...], ...)`, or one model with "
+                f"`peft_config=` to train {args.num_groups} adapters of it."
             )
         return topology
 

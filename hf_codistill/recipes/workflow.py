@@ -78,14 +78,17 @@ def default_to_minilm(model_args, what: str) -> str | None:
     return MINILM_HUB_ID
 
 
-def build_models(training_args: CodistillTrainingArguments, build):
+def build_models(training_args: CodistillTrainingArguments, build, one_base: bool = False):
     """This process's model, `build()` under its group's seed (seed + group, so groups start from different random
     weights unless the model is pre-trained).
 
     With `--codistill` in a single process (no launcher: a notebook-like run on one device) it returns all
-    `num_groups` models, model g built under seed + g, and `CodistillTrainer` trains them side by side in the process.
+    `num_groups` models, model g built under seed + g, and `CodistillTrainer` trains them side by side in the process;
+    with `one_base` (`--use_peft`) one model, whose G adapters `CodistillTrainer` trains as the G students.
     """
-    if training_args.codistill and launched_world_size() == 1 and not training_args.codistill_peer_store:
+    one_process = (training_args.codistill and launched_world_size() == 1 and not training_args.codistill_peer_store
+                   and not one_base)
+    if one_process:
         logger.info(f"One process: training all {training_args.num_groups} codistilled models in it.")
         models = []
         for group in range(training_args.num_groups):

@@ -16,6 +16,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from hf_codistill.exchange import PeerCopies, exchanged_tensors  # noqa: E402
+from hf_codistill.quantization import as_sent  # noqa: E402
 from hf_codistill.topology import init_groups  # noqa: E402
 
 
@@ -28,9 +29,22 @@ class Mixed(nn.Module):
 
 
 def checksum(model):
-    values = [t.detach().double().reshape(-1) for t in exchanged_tensors(model).values()]
-    flat = torch.cat(values)
+    return _checksum_of(exchanged_tensors(model))
+
+
+def _checksum_of(tensors):
+    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors.values()])
     return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum())
+
+
+def _models_of_peers(topology):
+    """Every other group's model, rebuilt here from its seed (the models are built from seeds alone)."""
+    models = {}
+    for group in range(topology.num_groups):
+        if group != topology.group_index:
+            torch.manual_seed(1000 + group)
+            models[group] = Mixed()
+    return models
 
 
 def main():
@@ -74,6 +88,22 @@ def main():
         "dtypes": sorted({str(t.dtype) for p in peers.models() for t in exchanged_tensors(p).values()}),
         "bytes_sent": peers.bytes_sent,
     }
+    # Peers held in int8: the weight matrix travels and is stored as int8 rows with a float32 scale each; the rest as
+    # it is. The sender quantises, so every group holds the same int8 copy of a peer.
+    peers = PeerCopies(model, topology, dtype=torch.int8)
+    peers.exchange(model, step=0)
+    wire = exchanged_tensors(next(iter(peers.peers.values())))
+    record["int8"] = {
+        "own": _checksum_of(as_sent(exchanged_tensors(model), wire)),
+        "peers": {g: checksum(p) for g, p in peers.peers.items()},
+        "dtypes": {name: str(t.dtype) for name, t in wire.items()},
+        "bytes_sent": peers.bytes_sent,
+    }
+    # Dequantised, each peer's weight is its model's to half a row's scale (the row's largest magnitude / 127).
+    others = _models_of_peers(topology)
+    record["int8"]["weight_error_in_scales"] = max(
+        float(((p.linear.weight - others[g].linear.weight).abs() * 127
+               / others[g].linear.weight.abs().amax(dim=1, keepdim=True)).max()) for g, p in peers.peers.items())
     # A shared initialisation: every group's model becomes group 0's, at full precision.
     shared = copy.deepcopy(model)
     peers.broadcast_model(shared, source_group=0)
