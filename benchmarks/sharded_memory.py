@@ -186,12 +186,14 @@ def worker(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from hf_codistill import exchange
     from hf_codistill.exchange import PeerCopies, exchanged_tensors
     from hf_codistill.losses import distillation_to_peers
     from hf_codistill.peer_forward import peer_logits_for_term
     from hf_codistill.topology import destroy_groups, init_groups
 
     cuda = spec["device"] == "cuda"
+    exchange.EXCHANGE_BUCKET_BYTES = spec["bucket_bytes"]
     torch.set_num_threads(1)
     topology = init_groups(spec["G"], backend="nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
@@ -426,6 +428,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="Sequences per rank and step.")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sync_every", type=int, default=2, help="k: optimizer steps between exchanges.")
+    parser.add_argument("--bucket_mb", type=float, default=None,
+                        help="The exchange's bucket bound in MB (default: the package's, 25 MB); a model this small "
+                             "needs a smaller one to show what the bound does for a large one.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="Default: cuda if available.")
     parser.add_argument("--nice", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600, help="Seconds per configuration.")
@@ -454,13 +459,14 @@ def main() -> None:
     import torch
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - imported once, before the ranks are forked
 
-    import hf_codistill.exchange  # noqa: F401
+    import hf_codistill.exchange
     import hf_codistill.peer_forward  # noqa: F401
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = {"n_embd": args.n_embd, "n_layer": args.n_layer, "n_head": args.n_head, "vocab": args.vocab,
             "seq": args.seq, "batch": args.batch, "steps": args.steps, "sync_every": args.sync_every,
-            "device": device}
+            "device": device, "bucket_bytes": int(args.bucket_mb * 2**20) if args.bucket_mb is not None
+            else hf_codistill.exchange.EXCHANGE_BUCKET_BYTES}
     params = model_params(base)
     param_bytes = 4 * params
     rows, skipped = [], []

@@ -45,6 +45,13 @@ def is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
+def adapted_base_name(model: nn.Module) -> str | None:
+    """Where the base of a PEFT model (or of a student adapter) came from, as peft records it; None otherwise."""
+    if isinstance(model, OneAdapter):
+        return model.shared_model.peft_config[model.adapter].base_model_name_or_path
+    return model.peft_config[model.active_adapter].base_model_name_or_path if is_peft_model(model) else None
+
+
 def base_model_of(model: nn.Module) -> nn.Module:
     """The transformers model under a `PeftModel`'s (or a student adapter's) adapters; `model` itself otherwise.
     Its class and `forward` say what the model is (a causal LM?) and which inputs it takes, as Trainer reads them."""

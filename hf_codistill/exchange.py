@@ -125,6 +125,28 @@ def _buckets(tensors: OrderedDict[str, torch.Tensor]) -> dict[tuple[torch.dtype,
     return buckets
 
 
+# The most an exchange sends in one collective (unless one tensor is larger), as DDP's default bucket. A blocking
+# exchange moves one bucket at a time, so its buffers (a flat copy of the bucket, the G copies the column's
+# all-gather fills and the transport's own: about (2G + 1) x the bucket) stay bounded whatever the model's size.
+EXCHANGE_BUCKET_BYTES = 25 * 2**20
+
+
+def _bounded_buckets(tensors: OrderedDict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """`_buckets`' names cut, in order, into runs of at most `max_bytes` (a larger tensor alone)."""
+    runs = []
+    for names in _buckets(tensors).values():
+        run, size = [], 0
+        for name in names:
+            nbytes = tensors[name].numel() * tensors[name].element_size()
+            if run and size + nbytes > max_bytes:
+                runs.append(run)
+                run, size = [], 0
+            run.append(name)
+            size += nbytes
+        runs.append(run)
+    return runs
+
+
 def _all_gather_single(output: torch.Tensor, input: torch.Tensor) -> None:
     """All-gather over the group's (default) process group into one tensor; the name changed in torch 2.1x."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -237,12 +259,17 @@ class PeerCopies:
 
     @torch.no_grad()
     def exchange(self, model: nn.Module, step: int) -> None:
-        """Refresh every peer copy with the peers' current parameters (blocking).
+        """Refresh every peer copy with the peers' current parameters (blocking), one bucket of at most
+        `EXCHANGE_BUCKET_BYTES` at a time, so that its buffers stay a few buckets' size.
 
         Collective over the whole world: every rank must call it at the same `step`.
         """
-        self.start_exchange(model, step)
         self.finish_exchange()
+        own = self._wire_tensors(model)
+        peer_tensors = {group: exchanged_tensors(peer) for group, peer in self.peers.items()}
+        for tag, names in enumerate(_bounded_buckets(own, EXCHANGE_BUCKET_BYTES)):
+            self._land(self._send(own, names, tag), peer_tensors)
+        self._exchanged(step)
 
     @property
     def exchange_in_flight(self) -> bool:
@@ -256,33 +283,37 @@ class PeerCopies:
         go on (and change the parameters) until `finish_exchange`.
         """
         self.finish_exchange()
+        own = self._wire_tensors(model)
+        self._pending = _PendingExchange(step, [self._send(own, names, tag)
+                                                for tag, names in enumerate(_buckets(own).values())])
+
+    def _wire_tensors(self, model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+        """This model's tensors in its peer copies' format: their precision, or int8 rows with their scales."""
+        return as_sent(exchanged_tensors(model), exchanged_tensors(next(iter(self.peers.values()))))
+
+    def _send(self, own: OrderedDict[str, torch.Tensor], names: list[str], tag: int) -> _BucketTransfer:
+        """Start the column's transfer of one bucket (`names` of `own`, one dtype and device)."""
         topology = self.topology
-        # Each tensor travels in its peer copy's format: its precision, or int8 rows with their scales.
-        own = as_sent(exchanged_tensors(model), exchanged_tensors(next(iter(self.peers.values()))))
-        buckets = []
-        for names in _buckets(own).values():
-            flat = torch.cat([own[name].reshape(-1) for name in names])
-            numel = flat.numel()
-            if self.sharded:
-                n = topology.group_size
-                shard = -(-numel // n)
-                flat = torch.cat([flat, flat.new_zeros(shard * n - numel)])
-                sent = flat[topology.group_rank * shard : (topology.group_rank + 1) * shard]
-            else:
-                sent = flat
-            if len(self.peers) == topology.num_groups - 1:  # every group needs every model: one all-gather
-                everyone = [torch.empty_like(sent) for _ in range(topology.num_groups)]
-                works = [topology.column.allgather([everyone], [sent])]
-                gathered = {peer: everyone[peer] for peer in self.peers}
-            else:  # a column's rank is its group index; one tag per bucket keeps the messages apart
-                tag = len(buckets)
-                gathered = {peer: torch.empty_like(sent) for peer in self.peers}
-                works = [topology.column.send([sent], reader, tag) for reader in self.readers]
-                works += [topology.column.recv([gathered[peer]], peer, tag) for peer in self.peers]
-            buckets.append(_BucketTransfer(names, numel, sent, gathered, works))
-            self.bytes_sent += sent.numel() * sent.element_size() * len(self.readers)
-            self.bytes_received += sent.numel() * sent.element_size() * len(self.peers)
-        self._pending = _PendingExchange(step, buckets)
+        flat = torch.cat([own[name].reshape(-1) for name in names])
+        numel = flat.numel()
+        if self.sharded:
+            n = topology.group_size
+            shard = -(-numel // n)
+            flat = torch.cat([flat, flat.new_zeros(shard * n - numel)])
+            sent = flat[topology.group_rank * shard : (topology.group_rank + 1) * shard]
+        else:
+            sent = flat
+        if len(self.peers) == topology.num_groups - 1:  # every group needs every model: one all-gather
+            everyone = [torch.empty_like(sent) for _ in range(topology.num_groups)]
+            works = [topology.column.allgather([everyone], [sent])]
+            gathered = {peer: everyone[peer] for peer in self.peers}
+        else:  # a column's rank is its group index; one tag per bucket keeps the messages apart
+            gathered = {peer: torch.empty_like(sent) for peer in self.peers}
+            works = [topology.column.send([sent], reader, tag) for reader in self.readers]
+            works += [topology.column.recv([gathered[peer]], peer, tag) for peer in self.peers]
+        self.bytes_sent += sent.numel() * sent.element_size() * len(self.readers)
+        self.bytes_received += sent.numel() * sent.element_size() * len(self.peers)
+        return _BucketTransfer(names, numel, sent, gathered, works)
 
     @torch.no_grad()
     def finish_exchange(self) -> bool:
@@ -293,30 +324,37 @@ class PeerCopies:
         pending, self._pending = self._pending, None
         if pending is None:
             return False
-        peer_groups = sorted(self.peers)
         peer_tensors = {group: exchanged_tensors(peer) for group, peer in self.peers.items()}
         for bucket in pending.buckets:
-            for work in bucket.works:
-                work.wait()
-            if self.sharded:
-                # One all-gather over the group for every peer's shards: row r of `assembled` is rank r's shards.
-                shards = torch.cat([bucket.gathered[group] for group in peer_groups])
-                assembled = shards.new_empty(self.topology.group_size * shards.numel())
-                _all_gather_single(assembled, shards)
-                self.group_bytes_received += (assembled.numel() - shards.numel()) * shards.element_size()
-                assembled = assembled.view(self.topology.group_size, len(peer_groups), -1)
-                flats = {group: assembled[:, i].reshape(-1) for i, group in enumerate(peer_groups)}
-            else:
-                flats = {group: bucket.gathered[group] for group in peer_groups}
-            for group, flat in flats.items():
-                offset = 0
-                for name in bucket.names:
-                    target = peer_tensors[group][name]
-                    target.copy_(flat[offset : offset + target.numel()].view_as(target))
-                    offset += target.numel()
-        self.num_exchanges += 1
-        self.last_exchange_step = pending.step
+            self._land(bucket, peer_tensors)
+        self._exchanged(pending.step)
         return True
+
+    def _land(self, bucket: _BucketTransfer, peer_tensors: dict[int, OrderedDict[str, torch.Tensor]]) -> None:
+        """Wait for one bucket and copy it into the peer copies (sharded: all-gathered over the group first)."""
+        for work in bucket.works:
+            work.wait()
+        peer_groups = sorted(self.peers)
+        if self.sharded:
+            # One all-gather over the group for every peer's shards: row r of `assembled` is rank r's shards.
+            shards = torch.cat([bucket.gathered[group] for group in peer_groups])
+            assembled = shards.new_empty(self.topology.group_size * shards.numel())
+            _all_gather_single(assembled, shards)
+            self.group_bytes_received += (assembled.numel() - shards.numel()) * shards.element_size()
+            assembled = assembled.view(self.topology.group_size, len(peer_groups), -1)
+            flats = {group: assembled[:, i].reshape(-1) for i, group in enumerate(peer_groups)}
+        else:
+            flats = {group: bucket.gathered[group] for group in peer_groups}
+        for group, flat in flats.items():
+            offset = 0
+            for name in bucket.names:
+                target = peer_tensors[group][name]
+                target.copy_(flat[offset : offset + target.numel()].view_as(target))
+                offset += target.numel()
+
+    def _exchanged(self, step: int) -> None:
+        self.num_exchanges += 1
+        self.last_exchange_step = step
 
     @torch.no_grad()
     def check_same_architecture(self, model: nn.Module) -> None:
@@ -326,9 +364,15 @@ class PeerCopies:
         sizes = [t.numel() for t in tensors.values()]
         layout = ";".join(f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in tensors.items())
         digest = int.from_bytes(hashlib.sha256(layout.encode()).digest()[:8], "big", signed=True)
-        headers = self._every_groups([len(sizes), sum(sizes), digest], tensors)
+        headers = self._every_groups([len(sizes), sum(sizes), digest, int(is_peft_model(model))], tensors)
+        with_adapters = [group for group, header in enumerate(headers) if header[3]]
+        if 0 < len(with_adapters) < len(headers):
+            raise ValueError(
+                f"Groups {with_adapters} train adapters (PEFT) and the others whole models: give every group the same "
+                "`peft_config` (the recipes' `--use_peft` and LoRA flags), or none."
+            )
         if len(set(headers)) != 1:
-            described = ", ".join(f"group {i}: {n} tensors / {p} values" for i, (n, p, _) in enumerate(headers))
+            described = ", ".join(f"group {i}: {n} tensors / {p} values" for i, (n, p, _, _) in enumerate(headers))
             if len({header[:2] for header in headers}) == 1:
                 described += " (as many, but with other names, shapes or precisions)"
             raise ValueError(

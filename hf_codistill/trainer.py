@@ -16,7 +16,13 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint as get_last_trainer_checkpoint
 
-from .adapters import EVALUATION_PEER_ADAPTER, is_peft_model, saving_own_adapter_only, with_adapters
+from .adapters import (
+    EVALUATION_PEER_ADAPTER,
+    adapted_base_name,
+    is_peft_model,
+    saving_own_adapter_only,
+    with_adapters,
+)
 from .checkpointing import group_dir, resolve_resume_checkpoint, write_run_info
 from .compat import align_loss_accounting, say_trained_from_scratch
 from .config import CodistillTrainingArguments
@@ -416,7 +422,6 @@ class CodistillTrainer(Trainer):
             peers=peer_names(own_name, self.group_index,
                              ring_peers(self.group_index, self.num_groups, self.args.codistill_num_peers)),
             dataset=kwargs.get("dataset"), eval_metrics=last_eval_metrics(self.state.log_history),
-            base_model=self.model.peft_config[self.model.active_adapter].base_model_name_or_path
-            if is_peft_model(self.model) else None,
+            base_model=adapted_base_name(self.model),
         )
         add_codistillation_section(card, section)

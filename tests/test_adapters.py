@@ -161,3 +161,9 @@ def test_groups_on_different_bases_are_refused(tmp_path, launcher):
     output = launcher(SCRIPT, 2, [*COMMON, "--output_dir", str(tmp_path / "out"), "--x-lora=own_base"],
                       tmp_path / "results", expect_failure=True)
     assert "hold other base weights than group 0" in output
+
+
+def test_adapters_on_some_groups_only_are_refused(tmp_path, launcher):
+    output = launcher(SCRIPT, 2, [*COMMON, "--output_dir", str(tmp_path / "out"), "--x-lora=group_1_only"],
+                      tmp_path / "results", expect_failure=True)
+    assert "Groups [1] train adapters (PEFT) and the others whole models" in output

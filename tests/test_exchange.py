@@ -39,6 +39,16 @@ def test_sharded_exchange_brings_the_same_peers_with_a_shard_of_the_bytes(exchan
     assert sum(r["sharded"]["bytes_sent"] for r in group_0) == (num_groups - 1) * padded_model_bytes
 
 
+def test_an_exchange_in_bounded_buckets_brings_the_same_peers(exchanged):
+    """A blocking exchange moves one bucket of at most `EXCHANGE_BUCKET_BYTES` at a time (16 bytes here: one
+    tensor, or less, per bucket), sharded or not."""
+    num_groups, _, ranks = exchanged
+    own = {r["group_index"]: r["own"] for r in ranks}
+    for rank in ranks:
+        expected = {str(g): own[g] for g in range(num_groups) if g != rank["group_index"]}
+        assert rank["bounded"] == {"sharded": expected, "unsharded": expected}
+
+
 def test_exchange_in_the_background_applies_the_snapshot_at_finish(exchanged):
     _, _, ranks = exchanged
     snapshot = {r["group_index"]: r["overlap"]["snapshot"] for r in ranks}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from hf_codistill import exchange  # noqa: E402
 from hf_codistill.exchange import PeerCopies, exchanged_tensors  # noqa: E402
 from hf_codistill.quantization import as_sent  # noqa: E402
 from hf_codistill.topology import init_groups  # noqa: E402
@@ -71,6 +72,14 @@ def main():
         }
     if args.ring_only:
         return _write(record, args.results, topology.world_rank)
+    # Buckets of at most 16 bytes, so that a blocking exchange moves a tensor (or less) at a time: the same peers.
+    bucket_bytes, exchange.EXCHANGE_BUCKET_BYTES = exchange.EXCHANGE_BUCKET_BYTES, 16
+    record["bounded"] = {}
+    for sharded in (True, False):
+        peers = PeerCopies(model, topology, sharded=sharded)
+        peers.exchange(model, step=0)
+        record["bounded"]["sharded" if sharded else "unsharded"] = {g: checksum(p) for g, p in peers.peers.items()}
+    exchange.EXCHANGE_BUCKET_BYTES = bucket_bytes
     for sharded in (True, False):
         peers = PeerCopies(model, topology, sharded=sharded)
         peers.exchange(model, step=0)

@@ -145,11 +145,14 @@ def main():
         set_seed(args.seed)
         trainer_cls = Trainer
     trainer_kwargs = {}
-    if options.get("lora") in ("shared_base", "own_base"):
+    lora = options.get("lora")
+    if lora == "group_1_only":  # adapters on some groups only (group 1 of 2)
+        lora = "shared_base" if args.group_seed != args.seed else None
+    if lora in ("shared_base", "own_base"):
         # LoRA on one frozen base: built under one seed in every group (or, `own_base`, under the group's seed).
         from peft import LoraConfig
 
-        torch.manual_seed(1234 if options["lora"] == "shared_base" else args.group_seed)
+        torch.manual_seed(1234 if lora == "shared_base" else args.group_seed)
         model = tiny_vit(int(options.get("hidden_size", 32)))
         set_seed(args.group_seed)
         trainer_kwargs["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
