@@ -7,6 +7,7 @@ a DDP communication hook, the gradient bytes every all-reduce carries.
 
     python benchmarks/communication.py            # W=4: DDP over 4 workers vs codistill 2 groups x 2, k=10
     python benchmarks/communication.py --smoke    # a few steps of DDP and the sharded exchange, for the test suite
+    python benchmarks/communication.py --modes ddp,codistill_sharded_int8   # some of the modes
 
 Ring all-reduce sends 2(W-1)/W x P bytes per rank and step, and with the W ranks in G blocks of n (nodes), one ring
 edge leaves every block, carrying that much across its boundary each step. Codistillation moves nothing across
@@ -24,7 +25,12 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ("ddp", "codistill_sharded", "codistill_unsharded", "codistill_sharded_bf16")
+MODES = ("ddp", "codistill_sharded", "codistill_unsharded", "codistill_sharded_bf16", "codistill_sharded_int8")
+PEER_DTYPES = {"bf16": "bfloat16", "int8": "int8"}  # a mode's suffix: the peers' `codistill_peer_dtype`
+
+
+def peer_dtype(mode: str) -> str | None:
+    return PEER_DTYPES.get(mode.rsplit("_", 1)[-1])
 
 
 def run_worker(args):
@@ -42,7 +48,7 @@ def run_worker(args):
     training_args = CodistillTrainingArguments(
         output_dir=os.path.join(args.results, "out"), codistill=codistill, num_groups=args.num_groups,
         codistill_sync_every=args.sync_every, codistill_sharded_exchange=sharded, use_cpu=True,
-        codistill_peer_dtype="bfloat16" if args.mode.endswith("bf16") else None,
+        codistill_peer_dtype=peer_dtype(args.mode),
         max_steps=args.steps, per_device_train_batch_size=16, learning_rate=1e-3, logging_steps=args.steps,
         save_strategy="no", report_to="none", disable_tqdm=True,
     )
@@ -130,7 +136,7 @@ def summarise(mode, ranks):
     # Intra-group: the group's own DDP gradient all-reduce (ring over n) plus, sharded, the shard all-gather.
     intra = 2 * (n - 1) / n * first["allreduced_bytes"] / steps + first["group_received"] / steps
     label = "codistill, sharded exchange" if first["sharded"] else "codistill, whole-model exchange"
-    label += ", bfloat16 peers" if mode.endswith("bf16") else ""
+    label += {"bfloat16": ", bfloat16 peers", "int8": ", int8 peers (float32 scale per row)"}.get(peer_dtype(mode), "")
     return {"mode": f"{label} (k={first['steps'] // max(1, first['exchanges'])})", "model_bytes": first["model_bytes"],
             "rank_cross": first["cross_sent"] / steps, "group_cross": sum(r["cross_sent"] for r in group) / steps,
             "rank_intra": intra, "exchanges": first["exchanges"]}
@@ -163,6 +169,8 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=64, help="ViT width (P grows with its square).")
     parser.add_argument("--port", type=int, default=29630)
     parser.add_argument("--timeout", type=int, default=300, help="Seconds each launched run may take.")
+    parser.add_argument("--modes", default=",".join(MODES), help="Comma-separated modes to run (ddp first: the "
+                        "table's reference).")
     parser.add_argument("--json", help="Also write the rows to this file.")
     args = parser.parse_args()
     if args.worker:
@@ -171,7 +179,7 @@ def main():
         args.steps, args.sync_every, args.hidden_size = 4, 2, 32
     with tempfile.TemporaryDirectory() as root:
         # The smoke run skips the whole-model exchange (tests/test_exchange_sharded.py compares the two paths).
-        modes = MODES[:2] if args.smoke else MODES
+        modes = MODES[:2] if args.smoke else args.modes.split(",")
         rows = [summarise(mode, launch(mode, args, root)) for mode in modes]
     print(table(rows, args.nproc, args.num_groups))
     if args.json:

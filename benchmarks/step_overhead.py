@@ -17,6 +17,7 @@ peak of each phase of one more step (forward, distillation term, backward, optim
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -200,6 +201,15 @@ def peak_by_phase(trainer, batch, step, cuda: bool) -> dict:
     return dict(tracker.peaks)
 
 
+def peer_memory(peer) -> int:
+    """Bytes the peer copy holds: its parameters and buffers, each tensor once (an int8 peer's weight rows and their
+    scales, its other tensors in their own precision)."""
+    import itertools
+
+    tensors = {id(t): t for t in itertools.chain(peer.parameters(), peer.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def measure(case: str, mode: str, args) -> dict:
     """Run warm-up and timed steps of one case in this process; return ms per step and peak memory."""
     import resource
@@ -227,9 +237,14 @@ def measure(case: str, mode: str, args) -> dict:
     trainer = CodistillTrainer(model=model, args=training_args)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
+    peer_bytes = peer_rss_bytes = None
     if mode == "codistill":
         set_seed(1)
+        gc.collect()
+        rss_before = _PhasePeaks._rss()
         peer = frozen_copy(make_model(), training_args.peer_torch_dtype).to(model.device)
+        gc.collect()  # the float model the copy was made from is gone: the RSS growth is the peer's
+        peer_bytes, peer_rss_bytes = peer_memory(peer), _PhasePeaks._rss() - rss_before
         # The codistillation branch of `compute_loss`: the engine of group 0, with this process's one peer standing
         # for the other group's.
         trainer.engine = CodistillEngine(training_args, driver=None, autocast=trainer.accelerator.autocast)
@@ -263,7 +278,8 @@ def measure(case: str, mode: str, args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     phases = peak_by_phase(trainer, batches[0], step, cuda)
     return {"case": case, "shape": shape, "mode": mode, "ms": 1000 * times[len(times) // 2],
-            "peak_bytes": peak, "peak_bytes_by_phase": phases,
+            "peak_bytes": peak, "peak_bytes_by_phase": phases, "peer_bytes": peer_bytes,
+            "peer_rss_bytes": None if cuda else peer_rss_bytes,
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
@@ -294,7 +310,7 @@ def main():
                         "heads on small bodies, for a CPU.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bf16", action="store_true", help="Train in bf16 mixed precision (both modes).")
-    parser.add_argument("--peer_dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    parser.add_argument("--peer_dtype", choices=["bfloat16", "float16", "float32", "int8"], default=None,
                         help="`codistill_peer_dtype` of the codistillation step (default: the model's).")
     parser.add_argument("--position_fraction", type=float, default=1.0,
                         help="`codistill_position_fraction` of the codistillation step (language models).")
@@ -322,7 +338,8 @@ def main():
                      "plain_peak_bytes": plain["peak_bytes"], "codistill_peak_bytes": codistill["peak_bytes"],
                      "memory_ratio": codistill["peak_bytes"] / plain["peak_bytes"],
                      "plain_peak_bytes_by_phase": plain["peak_bytes_by_phase"],
-                     "codistill_peak_bytes_by_phase": codistill["peak_bytes_by_phase"]})
+                     "codistill_peak_bytes_by_phase": codistill["peak_bytes_by_phase"],
+                     "peer_bytes": codistill["peer_bytes"], "peer_rss_bytes": codistill["peer_rss_bytes"]})
     memory = "peak GPU memory (max allocated)" if args.device == "cuda" else "peak RSS of the process"
     print(f"device: {rows[0]['device']}, precision: {'bf16 mixed' if args.bf16 else 'fp32'}, peers: "
           f"{args.peer_dtype or 'model precision'}, LM position fraction {args.position_fraction}, median of "
@@ -341,6 +358,14 @@ def main():
             phases = r[f"{mode}_peak_bytes_by_phase"]
             print(f"| {r['case']} | {mode} | " + " | ".join(
                 f"{phases[p] / 2**20:,.0f}" if p in phases else "-" for p in PHASES) + " |")
+    print(f"\nThe peer copy ({args.peer_dtype or 'model precision'}): its tensors, the RSS it added when built (CPU), "
+          "and the codistillation step's peak (max of the phases above):")
+    print("| case | peer tensors MB | peer RSS MB | step peak MB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        rss = "-" if r["peer_rss_bytes"] is None else f"{r['peer_rss_bytes'] / 2**20:,.0f}"
+        print(f"| {r['case']} | {r['peer_bytes'] / 2**20:,.1f} | {rss} | "
+              f"{max(r['codistill_peak_bytes_by_phase'].values()) / 2**20:,.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

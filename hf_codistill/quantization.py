@@ -34,8 +34,9 @@ class RowDequantize(nn.Module):
         self.dtype = dtype
 
     def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (stored.dim() - 1)
-        return (stored.to(torch.float32) * self.scale.view(shape)).to(self.dtype)
+        weight = stored.to(torch.float32)
+        weight.mul_(self.scale.view((-1,) + (1,) * (stored.dim() - 1)))  # in place: one float copy of the layer
+        return weight.to(self.dtype)
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +96,10 @@ def quantized_tensors(peer: nn.Module) -> OrderedDict[str, torch.Tensor]:
             if id(parameter) not in seen:
                 seen.add(id(parameter))
                 tensors[f"{prefix}{name}"] = parameter
-    ordered = OrderedDict((name, tensor) for name, tensor in tensors.items())
     for name, buffer in peer.named_buffers():
-        if ".parametrizations." not in name and name not in ordered:
-            ordered[name] = buffer
-    return ordered
+        if ".parametrizations." not in name and name not in tensors:
+            tensors[name] = buffer
+    return tensors
 
 
 @torch.no_grad()

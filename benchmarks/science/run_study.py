@@ -52,6 +52,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 RECIPES = os.path.join(REPO, "recipes")
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 PARTS = ("vit", "mlm", "sweeps", "precision", "long")
+PRECISIONS = ("codistill", "codistill_bf16", "codistill_int8")  # the `precision` part's methods: peer copies' dtype
 
 METHODS = {
     "allreduce": "all-reduce (1 model, DDP x4, batch B)",
@@ -60,12 +61,13 @@ METHODS = {
     "codistill_wd": "codistill + WD schedule",
     "independent": "independent (alpha = 0)",
     "codistill_bf16": "codistill, constant WD, bfloat16 peers",
+    "codistill_int8": "codistill, constant WD, int8 peers",
 }
 SHORT = {"allreduce": "all-reduce", "allreduce_wd": "all-reduce + WD sched.", "codistill": "codistill (const. WD)",
          "codistill_wd": "codistill + WD sched.", "independent": "independent (α = 0)",
-         "codistill_bf16": "codistill, bf16 peers"}
+         "codistill_bf16": "codistill, bf16 peers", "codistill_int8": "codistill, int8 peers"}
 COLORS = {"allreduce": "tab:blue", "allreduce_wd": "tab:cyan", "codistill": "tab:red", "codistill_wd": "tab:green",
-          "independent": "tab:gray", "codistill_bf16": "tab:orange"}
+          "independent": "tab:gray", "codistill_bf16": "tab:orange", "codistill_int8": "tab:purple"}
 
 # ---- Sizes ---------------------------------------------------------------------------------------------------------
 # `pd`: per-device (per-process) train batch; all-reduce B = 4 pd, each codistilled model 2 pd = B/2.
@@ -194,6 +196,8 @@ def method_args(method: str, sync_every: int, mode: str) -> list[str]:
         args += schedule
     if method == "codistill_bf16":
         args += ["--codistill_peer_dtype", "bfloat16"]
+    if method == "codistill_int8":
+        args += ["--codistill_peer_dtype", "int8"]
     return args
 
 
@@ -291,9 +295,9 @@ def plan(preset: dict, parts: set[str], seeds: int, mlm_seeds: int) -> list[Run]
         for seed in range(mlm_seeds):
             for method in methods:
                 add("mlm", method, seed, "mlm_main")
-    if "precision" in parts:  # issue 6: do bfloat16 peer copies cost accuracy? Same seeds as the main comparison.
+    if "precision" in parts:  # issues 6, 16: do bf16 / int8 peer copies cost accuracy? The main comparison's seeds.
         for seed in range(seeds):
-            for method in ("codistill", "codistill_bf16"):
+            for method in PRECISIONS:
                 add("vit", method, seed, "vit_precision")
     if "long" in parts:
         for factor, num_seeds in preset["long"]:
@@ -478,7 +482,7 @@ def summarise(results: list[dict]) -> dict:
             }
     summary["tables"]["vit_precision"] = {
         method: aggregate(rows)
-        for method in ("codistill", "codistill_bf16")
+        for method in PRECISIONS
         if (rows := [r for r in by.get("vit_precision", []) if r["method"] == method])
     }
     sweep = by.get("vit_sync_every", [])
@@ -639,7 +643,7 @@ def precision_table(rows: dict) -> list[str]:
     lines = ["| peer copies | eval acc. (%) | eval loss | ensemble acc. (%) | agreement (%) | final train loss "
              "| runs |",
              "|---|---|---|---|---|---|---|"]
-    for method, label in (("codistill", "float32 (default)"), ("codistill_bf16", "bfloat16")):
+    for method, label in zip(PRECISIONS, ("float32 (default)", "bfloat16", "int8, a float32 scale per row")):
         if method in rows:
             row = rows[method]
             lines.append(f"| {label} | {fmt(row['eval_accuracy'], 2, True)} | {fmt(row['eval_loss'])} | "
@@ -869,10 +873,11 @@ def report(results: list[dict], summary: dict, meta: dict, out: str, plots: list
         lines += main_table(t[study], mlm=False) + [""]
         lines += claims_table(t[study], mlm=False) + [""]
     if t.get("vit_precision"):
-        lines += ["### ViT: peer copies in bfloat16 (`--codistill_peer_dtype bfloat16`)", "",
+        lines += ["### ViT: peer copies in bfloat16 and int8 (`--codistill_peer_dtype bfloat16` / `int8`)", "",
                   "The main comparison's codistillation (constant WD) with the stale peers held and exchanged in "
-                  "bfloat16: half the peers' memory and half the bytes per exchange. Same seeds; the models "
-                  "themselves train in float32.", ""]
+                  "bfloat16 (half the peers' memory and half the bytes per exchange) or with their weight matrices "
+                  "in int8 and a float32 scale per row (0.28 of float32's bytes for this ViT, whose biases and norms "
+                  "stay in float32). Same seeds; the models themselves train in float32.", ""]
         lines += precision_table(t["vit_precision"]) + [""]
     if plots:
         lines += ["### Plots", ""] + [f"![{os.path.basename(p)}]({os.path.relpath(p, out)})" for p in plots] + [""]
