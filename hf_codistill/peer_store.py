@@ -174,6 +174,8 @@ class PeerStore:
     def _version_names(self, group: int) -> list[str]:
         """The group's step versions that have a manifest, newest first."""
         try:
+            # File systems that cache listings (s3fs, gcsfs) would show the versions of the first listing forever.
+            self.fs.invalidate_cache(self._folder(group))
             entries = self.fs.ls(self._folder(group), detail=False)
         except FileNotFoundError:
             return []

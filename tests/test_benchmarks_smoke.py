@@ -1,6 +1,8 @@
 """The benchmarks' smoke modes: each runs end to end on the CPU and reports sane numbers (nothing is timed)."""
 
+import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -91,14 +93,42 @@ def _can_create_namespaces():
 @pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
                     reason="needs Fashion-MNIST (Debian's dataset-fashion-mnist package)")
 def test_slow_network_smoke(tmp_path):
+    """Every method on the shaped trunk; DiLoCo (torchft) and the store mode (s3fs) only where their package is."""
     before = _namespaces()
     out = run(BENCHMARKS / "slow_network" / "run.py", "--smoke", "--out", str(tmp_path / "out"), "--work_dir",
-              str(tmp_path / "runs"), timeout=400)
+              str(tmp_path / "runs"), timeout=420)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert [(r["rate"], r["method"]) for r in results["rows"]] == [("100mbit", "all-reduce DDP"),
-                                                                   ("100mbit", "codistill 2x2 (group 0)")]
+    optional = {"diloco": "torchft", "codistill_store": "s3fs"}
+    present = {name: importlib.util.find_spec(package) is not None for name, package in optional.items()}
+    expected = ["allreduce", "codistill", "localsgd", *(name for name in optional if present[name])]
+    assert [(r["rate"], r["run"]) for r in results["rows"]] == [("100mbit", name) for name in expected]
+    assert results["skipped"] == {name: package for name, package in optional.items() if not present[name]}
     assert all(r["steps"] == 6 and r["steps_per_second"] > 0 for r in results["rows"])
+    # Every method's exchanges crossed the trunk, and all-reduce moved the most (every step).
+    crossed = {r["run"]: r["trunk_bytes_per_step_measured"] for r in results["rows"]}
+    assert all(value > 0 for value in crossed.values()) and max(crossed, key=crossed.get) == "allreduce"
     assert (tmp_path / "out" / "eval_loss_vs_time.png").stat().st_size > 0
-    assert "| link | method | steps/s |" in out
+    assert "| link | method | k or H |" in out
     # Everything the harness created is gone.
     assert {name for name in _namespaces() - before if name.startswith("cdx")} == set()
+
+
+def test_sharded_memory_smoke(tmp_path):
+    """DDP and FSDP2 groups, plain and codistilled (G = 2, n = 1 and 2): a peak per rank for each; peers held whole
+    under DDP and as 1/n shards under FSDP2, exchanged before and after the step."""
+    out = run(BENCHMARKS / "sharded_memory.py", "--smoke", "--json", str(tmp_path / "memory.json"))
+    result = json.loads((tmp_path / "memory.json").read_text())
+    rows = {(r["n"], r["method"], r["mode"]): r for r in result["rows"]}
+    assert len(rows) == 8 and not result["skipped"]
+    model_bytes = result["meta"]["param_bytes"]
+    for (n, method, mode), row in rows.items():
+        assert row["peak"] > 0 and row["peak_by_phase"]["step"] > 0
+        for rank in row["ranks"]:
+            assert all(math.isfinite(loss) for loss in rank["losses"])
+            assert rank["optimizer_bytes"] == 2 * rank["own_bytes"]  # Adam's two moments of this rank's shards
+            if mode == "plain":
+                assert rank["peer_bytes"] == 0 and rank["exchanges"] == 0
+            else:
+                assert rank["exchanges"] == 2
+                assert rank["peer_bytes"] == (model_bytes // n if method == "FSDP2" else model_bytes)
+    assert "| G | n | method | mode | peak per rank (MB) |" in out and "FSDP2, G=2, n=2: codistill/plain peak" in out

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import psutil
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from transformers import GPT2Config, GPT2LMHeadModel, ViTForImageClassification
 from transformers.testing_utils import CaptureLogger
 
@@ -277,3 +279,34 @@ def test_a_killed_group_resumes_alone_while_the_other_finishes(tmp_path):
     steps = [record["step"] for record in _ranks(tmp_path / "results_0b")[0]["steps"]]
     assert steps == list(range(complete[-1] + 1, 41))  # this launch trained from its last complete checkpoint on
     assert all((out / "group_0" / f"checkpoint-{step}" / STATE_NAME).is_file() for step in complete)
+
+
+class ListingCacheFileSystem(LocalFileSystem):
+    """A local store whose listings are cached until invalidated, as s3fs and gcsfs cache them."""
+
+    protocol = "listingcache"
+    listings: dict = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("listingcache://"))
+
+    def ls(self, path, detail=False, **kwargs):
+        path = self._strip_protocol(path)
+        if path not in self.listings:
+            self.listings[path] = super().ls(path, detail=detail, **kwargs)
+        return self.listings[path]
+
+    def invalidate_cache(self, path=None):
+        self.listings.clear()
+
+
+def test_new_versions_are_seen_through_a_store_that_caches_listings(tmp_path):
+    fsspec.register_implementation("listingcache", ListingCacheFileSystem, clobber=True)
+    url = f"listingcache://{tmp_path}"
+    writer, reader = PeerStore(url, group=1), PeerStore(url, group=0)
+    model = tiny_vit()
+    writer.publish(model, step=1)
+    assert reader.read_newest(1).version.step == 1
+    writer.publish(model, step=2)
+    assert reader.read_newest(1).version.step == 2

@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""Codistillation vs. all-reduce DDP between emulated hosts joined by slow links, on one machine.
+"""All-reduce DDP, local SGD, DiLoCo and codistillation between emulated hosts joined by slow links, on one machine.
 
 Every worker runs in its own network namespace. The default layout is two "nodes" of W/2 hosts: each node's hosts
 share a bridge (unshaped, like the links inside a node) and the two bridges are joined by one trunk whose two
 directions are shaped with a token bucket (`tbf`) to the link speed under test, like two machines on a slow network.
-Codistillation puts one group on each node, so only its peer exchange crosses the trunk; DDP's ring all-reduce over
-all W workers crosses it every step. `--layout flat` instead shapes every host's own port (all links slow).
+Codistillation puts one group on each node, local SGD and DiLoCo one replica (DDP inside it) on each node, so only
+their exchanges cross the trunk; DDP's ring all-reduce over all W workers crosses it every step. The store mode of
+codistillation launches each group on its own and serves the store (S3, moto's server) from an extra host on node
+0's bridge, so group 1's reads and writes cross the trunk. `--layout flat` instead shapes every host's own port.
 
-    sudo python benchmarks/slow_network/run.py          # ~10 min on an idle machine: 1gbit and 100mbit, both methods
-    sudo python benchmarks/slow_network/run.py --smoke          # seconds: tiny model, one speed, a few steps
+    sudo python benchmarks/slow_network/run.py          # ~70 min on an idle machine: 3 speeds, 7 runs each
+    sudo python benchmarks/slow_network/run.py --smoke          # ~2 min: tiny model, one speed, a few steps
 
-For each link speed: the all-reduce run trains for `--max_steps`; its final evaluation loss is the target that the
-codistillation run (group 0's model) must reach, which it stops at (capped at `--codistill_max_steps`). Writes
+The runs (`--runs`): `allreduce`; `codistill` (k = `--sync_every`); `localsgd` and `diloco` at the H that moves as
+many bytes across the trunk per step as codistillation at k; `localsgd_own` and `diloco_own` at their own recommended
+H scaled to the run's length; `codistill_store`. DiLoCo needs torchft (`pip install torchft`), the store mode s3fs
+(`pip install s3fs`): a run whose package is missing is skipped and named. For each link speed the all-reduce run
+trains for `--max_steps`; its final evaluation loss is the target that every other run (replica or group 0's model)
+must reach, which it stops at (capped at `--other_max_steps`). At the `--short_rates` the all-reduce run is too slow
+to run whole: it runs `--short_steps` steps and its time to the target is projected (its trajectory does not depend
+on the link: same seeds, same arithmetic). The bytes across the trunk are read from the trunk's counters. Writes
 `results.json` and `eval_loss_vs_time.png` into `--out` and prints a Markdown table.
 
 Needs root (network namespaces, veth, tc). Everything created (namespaces `cdx<pid>-*`, a blackhole route for the
@@ -22,6 +30,7 @@ under `timeout`. Workers need `GLOO_SOCKET_IFNAME=eth0`, or gloo binds 127.0.0.1
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +43,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "worker.py")
+STORE_SERVER = os.path.join(HERE, "store_server.py")
+STORE_PORT, STORE_BUCKET = 5000, "slow-network"
+ALL_RUNS = ("allreduce", "codistill", "localsgd", "diloco", "localsgd_own", "diloco_own", "codistill_store")
+LABELS = {"allreduce": "all-reduce DDP", "codistill": "codistill 2x2", "codistill_store": "codistill 2x2, store",
+          "localsgd": "local SGD 2x2", "localsgd_own": "local SGD 2x2", "diloco": "DiLoCo 2x2 (torchft)",
+          "diloco_own": "DiLoCo 2x2 (torchft)"}
+NEEDS = {"diloco": "torchft", "diloco_own": "torchft", "codistill_store": "s3fs"}
 
 
 def sh(*command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -49,15 +65,21 @@ def tbf_burst(rate: str) -> int:
 
 
 class Hosts:
-    """W network namespaces with one eth0 each, bridged in a switch namespace; removed by `down`."""
+    """W network namespaces with one eth0 each, bridged in a switch namespace, and optionally one more host on node
+    0's bridge (`server`, for the peer store); removed by `down`."""
 
-    def __init__(self, num_hosts: int, layout: str):
+    def __init__(self, num_hosts: int, layout: str, server: bool = False):
         pid = os.getpid()
         self.prefix, self.net = f"cdx{pid}", f"10.79.{pid % 250}"
         self.num_hosts, self.layout = num_hosts, layout
         self.switch = f"{self.prefix}-sw"
-        self.hosts = [f"{self.prefix}-h{i}" for i in range(num_hosts)]
+        self.hosts = [f"{self.prefix}-h{i}" for i in range(num_hosts)] + ([f"{self.prefix}-srv"] if server else [])
         self.shaped: list[tuple[str, str]] = []  # (namespace, device) carrying a tbf
+
+    @property
+    def server(self) -> int:
+        """Index of the server host (after the W workers)."""
+        return self.num_hosts
 
     def address(self, host: int) -> str:
         return f"{self.net}.{host + 1}"
@@ -78,7 +100,8 @@ class Hosts:
                 sh("ip", "-n", sw, "link", "set", f"trunk{i}", "master", bridge, "up")
             self.shaped = [(sw, "trunk0"), (sw, "trunk1")]
         for i, host in enumerate(self.hosts):
-            bridge = bridges[0] if self.layout == "flat" else bridges[i * 2 // self.num_hosts]
+            node = 0 if i >= self.num_hosts else i * 2 // self.num_hosts  # the server sits on node 0
+            bridge = bridges[0] if self.layout == "flat" else bridges[node]
             sh("ip", "netns", "add", host)
             sh("ip", "-n", sw, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0", "netns", host)
             sh("ip", "-n", sw, "link", "set", f"p{i}", "master", bridge, "up")
@@ -99,6 +122,16 @@ class Hosts:
             sh("tc", "-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate, "burst",
                str(tbf_burst(rate)), "latency", "50ms")
 
+    def trunk_bytes(self) -> tuple[int, int]:
+        """Bytes that left node 0 and node 1 through the trunk so far (everything: payload, headers, handshakes)."""
+        if self.layout != "nodes":
+            return 0, 0
+        sent = []
+        for device in ("trunk0", "trunk1"):
+            (link,) = json.loads(sh("ip", "-n", self.switch, "-s", "-j", "link", "show", "dev", device).stdout)
+            sent.append(link["stats64"]["tx"]["bytes"])  # trunk<i> is node i's bridge port: it sends node i's out
+        return sent[0], sent[1]
+
     def popen(self, host: int, command: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen:
         settings = [f"{key}={value}" for key, value in env.items()]
         with open(log_path, "w") as log:
@@ -117,70 +150,150 @@ class Hosts:
         sh("ip", "route", "del", "blackhole", f"{self.net}.0/24", check=False)
 
 
-def run_method(hosts: Hosts, method: str, rate: str, args, extra: list[str]) -> list[dict]:
-    """Start one worker per host, wait (bounded), return each rank's record."""
-    out = os.path.join(args.work_dir, f"{method}-{rate}")
+def start_store(hosts: Hosts, work_dir: str) -> subprocess.Popen:
+    """moto's S3 server on the server host; returns once its bucket exists."""
+    log_path = os.path.join(work_dir, "store_server.txt")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+           "PYTHONPATH": REPO}
+    proc = hosts.popen(hosts.server, [sys.executable, STORE_SERVER, "--address", hosts.address(hosts.server),
+                                      "--port", str(STORE_PORT), "--bucket", STORE_BUCKET], env, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "ready" in open(log_path).read():
+            return proc
+        time.sleep(0.2)
+    raise RuntimeError(f"the store server did not start:\n{open(log_path).read()[-3000:]}")
+
+
+def run_method(hosts: Hosts, name: str, method: str, rate: str, args, extra: list[str]) -> dict:
+    """Start one worker per host, wait (bounded), return each rank's record and the bytes across the trunk.
+
+    `codistill_store` is two launches (one per group, each its own world); the run ends when group 0 ends, and group
+    1 is stopped then (it would train on alone)."""
+    out = os.path.join(args.work_dir, f"{name}-{rate}")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    env = {"MASTER_ADDR": hosts.address(0), "MASTER_PORT": "29500", "WORLD_SIZE": str(hosts.num_hosts),
-           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": REPO,
-           "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    base = {"MASTER_PORT": "29500", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GLOO_SOCKET_IFNAME": "eth0",
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": REPO,
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+            "HOST_ADDRS": ",".join(hosts.address(i) for i in range(hosts.num_hosts))}
     command = ["timeout", "--kill-after=10", str(args.run_timeout), sys.executable, WORKER, "--method", method,
                "--output_dir", out, *extra]
-    procs = [hosts.popen(rank, command, {**env, "RANK": str(rank)}, os.path.join(out, f"log{rank}.txt"))
-             for rank in range(hosts.num_hosts)]
+    launches = []  # (ranks, environment per rank, extra arguments)
+    if method == "codistill_store":
+        half = hosts.num_hosts // 2
+        store = {"AWS_ENDPOINT_URL": f"http://{hosts.address(hosts.server)}:{STORE_PORT}",
+                 "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        for group in (0, 1):
+            ranks = range(group * half, (group + 1) * half)
+            launches.append((ranks, [{**base, **store, "MASTER_ADDR": hosts.address(ranks[0]), "WORLD_SIZE": str(half),
+                                      "RANK": str(rank - ranks[0])} for rank in ranks],
+                             ["--group_index", str(group), "--peer_store", f"s3://{STORE_BUCKET}/{name}-{rate}"]))
+    else:
+        ranks = range(hosts.num_hosts)
+        launches.append((ranks, [{**base, "MASTER_ADDR": hosts.address(0), "WORLD_SIZE": str(hosts.num_hosts),
+                                  "RANK": str(rank)} for rank in ranks], []))
+    before = hosts.trunk_bytes()
+    procs = {rank: hosts.popen(rank, [*command, *more], env, os.path.join(out, f"log{rank}.txt"))
+             for ranks, envs, more in launches for rank, env in zip(ranks, envs)}
     deadline = time.monotonic() + args.run_timeout + 30
-    for proc in procs:
-        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
+    for rank in launches[0][0]:
+        procs[rank].wait(timeout=max(1.0, deadline - time.monotonic()))
+    after = hosts.trunk_bytes()
+    for ranks, _, _ in launches[1:]:
+        for rank in ranks:
+            if procs[rank].poll() is None:
+                os.killpg(procs[rank].pid, signal.SIGTERM)
+            procs[rank].wait(timeout=60)
+    failed = [rank for rank in launches[0][0] if procs[rank].returncode != 0]
     if failed:
         tail = open(os.path.join(out, f"log{failed[0]}.txt")).read()[-3000:]
-        raise RuntimeError(f"{method} at {rate}: ranks {failed} failed (exit {procs[failed[0]].returncode}):\n{tail}")
-    return [json.load(open(os.path.join(out, f"rank{rank}.json"))) for rank in range(hosts.num_hosts)]
+        raise RuntimeError(f"{name} at {rate}: ranks {failed} failed (exit {procs[failed[0]].returncode}):\n{tail}")
+    records = [json.load(open(os.path.join(out, f"rank{rank}.json"))) for rank in launches[0][0]]
+    return {**records[0], "trunk_bytes": [a - b for a, b in zip(after, before)], "load_average": os.getloadavg(),
+            "records": records}
 
 
-def training_seconds(evaluation: dict) -> float:
-    """Seconds spent training (not evaluating) until this evaluation."""
-    return evaluation["train_seconds_at_eval"]
+def trunk_formula(name: str, every: int, model_bytes: int, num_hosts: int) -> float:
+    """Bytes per training step that each direction of the trunk carries, by the algorithm (payload only).
+
+    DDP: a ring all-reduce over W workers in two blocks crosses the boundary once each way and moves 2(W-1)/W P
+    over each ring edge. Codistillation (sharded exchange, and the store mode: group 1 writes its model and reads
+    group 0's) and local SGD (sharded average): one model P per node and direction per sync. torchft's DiLoCo: each
+    of the n = W/2 columns all-reduces a whole model over 2 replicas (P per rank and direction): n P per sync."""
+    if name == "allreduce":
+        return 2 * (num_hosts - 1) / num_hosts * model_bytes
+    per_sync = model_bytes * (num_hosts // 2 if name.startswith("diloco") else 1)
+    return per_sync / every
 
 
-def summarise(results: dict) -> list[dict]:
+def summarise(results: dict, settings: dict) -> list[dict]:
     rows = []
+    full_target = None
     for rate, runs in results.items():
-        allreduce, codistill = runs["allreduce"], runs["codistill"]
-        target = allreduce["evals"][-1]["eval_loss"]
-        reached = next((e for e in codistill["groups"][0]["evals"] if e["eval_loss"] <= target), None)
-        for method, run, hit in (("all-reduce DDP", allreduce, allreduce["evals"][-1]),
-                                 ("codistill 2x2 (group 0)", codistill, reached)):
-            evals = run["evals"] if "evals" in run else run["groups"][0]["evals"]
-            steps = run["steps"]
+        allreduce = runs["allreduce"]
+        projected = allreduce["projected"]
+        if not projected:
+            full_target = full_target or allreduce
+        reference = full_target  # a projected all-reduce run follows the full one's trajectory
+        target = (allreduce if not projected else reference)["evals"][-1]["eval_loss"]
+        model_bytes = 4 * allreduce["parameters"]
+        for name, run in runs.items():
             train_only = run["train_seconds"] - run["eval_seconds"]
+            steps_per_second = run["steps"] / train_only
+            if name == "allreduce" and projected:
+                # The steps after its first evaluation at the pace between its two (start-up and the initial
+                # broadcast of the model excluded), plus the full run's evaluation time.
+                first, last = run["evals"][-2:]
+                seconds_per_step = ((last["train_seconds_at_eval"] - first["train_seconds_at_eval"])
+                                    / (last["step"] - first["step"]))
+                steps_per_second = 1 / seconds_per_step
+                evals = reference["evals"]
+                train = last["train_seconds_at_eval"] + (evals[-1]["step"] - last["step"]) * seconds_per_step
+                hit = {**evals[-1], "seconds": train + reference["eval_seconds"], "train_seconds_at_eval": train}
+            else:
+                evals = run["evals"]
+                hit = evals[-1] if name == "allreduce" else next((e for e in evals if e["eval_loss"] <= target), None)
+            sent = run["trunk_bytes"]
             rows.append({
-                "rate": rate, "method": method, "target_loss": target, "steps": steps,
-                "steps_per_second": steps / train_only, "final_eval_loss": evals[-1]["eval_loss"],
+                "rate": rate, "run": name, "method": LABELS[name], "every": run["every"], "target_loss": target,
+                "steps": run["steps"], "steps_per_second": steps_per_second,
+                "projected": name == "allreduce" and projected, "final_eval_loss": evals[-1]["eval_loss"],
                 "final_eval_accuracy": evals[-1]["eval_accuracy"],
                 "wall_to_target": hit["seconds"] if hit else None,
-                "train_to_target": training_seconds(hit) if hit else None,
+                "train_to_target": hit["train_seconds_at_eval"] if hit else None,
                 "steps_to_target": hit["step"] if hit else None,
+                "trunk_bytes_per_step_formula": trunk_formula(name, run["every"], model_bytes, settings["num_hosts"]),
+                "trunk_bytes_per_step_measured": (sent[0] + sent[1]) / 2 / run["steps"], "trunk_bytes": sent,
+                "load_average": run["load_average"],
             })
-        base, ours = rows[-2], rows[-1]
-        ours["vs_allreduce"] = ours["wall_to_target"] / base["wall_to_target"] if ours["wall_to_target"] else None
-        base["vs_allreduce"] = 1.0
+        ours = [r for r in rows if r["rate"] == rate]
+        base = ours[0]["wall_to_target"]
+        diloco = next((r["wall_to_target"] for r in ours if r["run"] == "diloco"), None)
+        for r in ours:
+            r["vs_allreduce"] = r["wall_to_target"] / base if r["wall_to_target"] else None
+            r["vs_diloco"] = r["wall_to_target"] / diloco if r["wall_to_target"] and diloco else None
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| link | method | steps/s | steps to target | wall-clock to target (s) | of which training (s) "
-             "| vs all-reduce | final eval loss / acc |",
-             "|---|---|---|---|---|---|---|---|"]
+    def number(value, spec, missing="-"):
+        return missing if value is None else format(value, spec)
+
+    lines = ["| link | method | k or H | trunk MB/step, each way: by formula / measured | steps/s | steps to target "
+             "| wall-clock to target (s) | of which training (s) | wall-clock vs all-reduce | vs DiLoCo "
+             "| final eval loss / acc | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        hit = r["wall_to_target"] is not None
+        reached = r["wall_to_target"] is not None
+        star = " (projected)" if r["projected"] else ""
         lines.append(
-            f"| {r['rate']} | {r['method']} | {r['steps_per_second']:.2f} | {r['steps_to_target'] if hit else '-'} | "
-            f"{r['wall_to_target']:.1f} | {r['train_to_target']:.1f} | {r['vs_allreduce']:.2f}x | "
-            if hit else f"| {r['rate']} | {r['method']} | {r['steps_per_second']:.2f} | not reached | - | - | - | ")
-        lines[-1] += f"{r['final_eval_loss']:.3f} / {r['final_eval_accuracy']:.3f} |"
+            f"| {r['rate']} | {r['method']} | {r['every'] or '-'} | "
+            f"{r['trunk_bytes_per_step_formula'] / 1e6:.3f} / {r['trunk_bytes_per_step_measured'] / 1e6:.3f} | "
+            f"{r['steps_per_second']:.2f} | {r['steps_to_target'] if reached else 'not reached'} | "
+            f"{number(r['wall_to_target'], '.1f')}{star} | {number(r['train_to_target'], '.1f')} | "
+            f"{number(r['vs_allreduce'], '.2f')} | {number(r['vs_diloco'], '.2f')} | "
+            f"{r['final_eval_loss']:.3f} / {r['final_eval_accuracy']:.3f} | {r['load_average'][0]:.1f} |")
     return "\n".join(lines)
 
 
@@ -190,19 +303,28 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    styles = {"allreduce": ("C0", "o-"), "codistill": ("C1", "s-"), "codistill_store": ("C1", "x:"),
+              "localsgd": ("C2", "^-"), "localsgd_own": ("C2", "^--"), "diloco": ("C3", "v-"),
+              "diloco_own": ("C3", "v--")}
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    target = None
     for ax, (rate, runs) in zip(axes[0], results.items()):
-        evals = runs["allreduce"]["evals"]
-        ax.plot([e["seconds"] for e in evals], [e["eval_loss"] for e in evals], "o-", color="C0",
-                label="all-reduce DDP (4 workers)")
-        for group, style in ((0, "s-"), (1, "s--")):
-            evals = runs["codistill"]["groups"][group]["evals"]
-            ax.plot([e["seconds"] for e in evals], [e["eval_loss"] for e in evals], style, color="C1",
-                    alpha=1.0 if group == 0 else 0.5, label=f"codistill 2x2, group {group}")
-        ax.axhline(runs["allreduce"]["evals"][-1]["eval_loss"], color="gray", lw=0.8, ls=":",
-                   label="all-reduce final eval loss")
-        ax.set(title=f"links between nodes: {rate}", xlabel="wall-clock seconds", ylabel="eval loss")
-        ax.legend(fontsize=8)
+        for name, run in runs.items():
+            evals = run["evals"]
+            if run["projected"]:
+                continue
+            color, style = styles[name]
+            every = f", {'k' if name.startswith('codistill') else 'H'}={run['every']}" if run["every"] else ""
+            ax.plot([e["seconds"] for e in evals], [e["eval_loss"] for e in evals], style, color=color, ms=4,
+                    label=f"{LABELS[name]}{every}")
+        if not runs["allreduce"]["projected"]:
+            target = runs["allreduce"]["evals"][-1]["eval_loss"]
+        else:
+            ax.set_title("(all-reduce projected, not plotted)", fontsize=8, loc="right")
+        if target is not None:
+            ax.axhline(target, color="gray", lw=0.8, ls=":", label="all-reduce final eval loss")
+        ax.set(title=f"trunk between nodes: {rate}", xlabel="wall-clock seconds", ylabel="eval loss (group/replica 0)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -210,61 +332,102 @@ def plot(results: dict, path: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="Tiny model, one link speed, a few steps.")
-    parser.add_argument("--rates", default="1gbit,100mbit", help="Link speeds, as tc spells them.")
+    parser.add_argument("--rates", default="1gbit,100mbit,10mbit", help="Link speeds, as tc spells them.")
+    parser.add_argument("--runs", default=",".join(ALL_RUNS), help=f"Which runs, of {', '.join(ALL_RUNS)}.")
     parser.add_argument("--layout", choices=["nodes", "flat"], default="nodes")
     parser.add_argument("--num_hosts", type=int, default=4)
-    parser.add_argument("--max_steps", type=int, default=300, help="Steps of the all-reduce run.")
-    parser.add_argument("--codistill_max_steps", type=int, default=900)
+    parser.add_argument("--max_steps", type=int, default=200, help="Steps of the all-reduce run.")
+    parser.add_argument("--other_max_steps", type=int, default=400,
+                        help="Cap on the steps of the other runs, which stop at the target.")
+    parser.add_argument("--short_rates", default="10mbit",
+                        help="Speeds at which the all-reduce run is projected from --short_steps steps.")
+    parser.add_argument("--short_steps", type=int, default=10, help="Steps of a projected all-reduce run.")
+    parser.add_argument("--short_rate_runs", default="allreduce,codistill,localsgd,diloco,codistill_store",
+                        help="The runs at the --short_rates, instead of --runs (the own-setting runs would take far "
+                        "too long there); allreduce first.")
     parser.add_argument("--eval_steps", type=int, default=25)
-    parser.add_argument("--batch_size", type=int, default=8, help="Per worker, both methods.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Per worker, every method.")
     parser.add_argument("--hidden_size", type=int, default=192)
     parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--sync_every", type=int, default=25, help="k of the codistillation run.")
-    parser.add_argument("--run_timeout", type=int, default=600, help="Seconds any one run may take.")
+    parser.add_argument("--sync_every", type=int, default=25,
+                        help="k of codistillation; local SGD and DiLoCo get the H that moves as many bytes.")
+    parser.add_argument("--localsgd_own_every", type=int, default=8,
+                        help="H of `localsgd_own` (accelerate's local SGD example: 8).")
+    parser.add_argument("--diloco_own_outer_steps", type=int, default=128,
+                        help="`diloco_own` syncs this many times in --max_steps steps (DiLoCo: H=500 over 64k).")
+    parser.add_argument("--run_timeout", type=int, default=900, help="Seconds any one run may take.")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="Where results and the plot go.")
     parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "slow_network_runs"),
                         help="Where each run's logs and per-rank records go.")
     args = parser.parse_args()
     common = ["--eval_steps", str(args.eval_steps), "--batch_size", str(args.batch_size), "--hidden_size",
-              str(args.hidden_size), "--num_layers", str(args.num_layers), "--sync_every", str(args.sync_every)]
+              str(args.hidden_size), "--num_layers", str(args.num_layers)]
+    runs = args.runs.split(",")
     if args.smoke:
-        args.rates, args.max_steps, args.codistill_max_steps, args.run_timeout = "100mbit", 6, 6, 240
-        common = ["--eval_steps", "3", "--hidden_size", "32", "--num_layers", "1", "--sync_every", "3",
+        args.rates, args.short_rates, args.max_steps, args.other_max_steps = "100mbit", "", 6, 6
+        args.sync_every, args.run_timeout = 3, 240
+        runs = [name for name in runs if not name.endswith("_own")]
+        common = ["--eval_steps", "3", "--batch_size", "8", "--hidden_size", "32", "--num_layers", "1",
                   "--num_train", "2000", "--num_eval", "100"]
+    missing = {name: NEEDS[name] for name in runs if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None}
+    for name, package in missing.items():
+        print(f"skipping {name}: it needs `{package}` (pip install {package})", flush=True)
+    runs = [name for name in runs if name not in missing]
+    if runs[0] != "allreduce":
+        raise SystemExit("--runs must start with allreduce: its final eval loss is everyone's target.")
+    k, half = args.sync_every, args.num_hosts // 2
+    every = {"allreduce": 0, "codistill": k, "codistill_store": k, "localsgd": k, "diloco": half * k,
+             "localsgd_own": args.localsgd_own_every,
+             "diloco_own": max(1, round(args.max_steps / args.diloco_own_outer_steps))}
     if os.geteuid() != 0:
         raise SystemExit("run.py needs root: it creates network namespaces and shapes links with tc.")
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work_dir, exist_ok=True)
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupted)
-    hosts = Hosts(args.num_hosts, args.layout)
-    results = {}
+    hosts = Hosts(args.num_hosts, args.layout, server="codistill_store" in runs)
+    results, target = {}, None
+
+    def save() -> list[dict]:
+        """Write what has run so far (a later failure keeps it)."""
+        rows = summarise(results, vars(args))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"settings": vars(args), "skipped": missing, "rows": rows, "runs": results}, f, indent=1)
+        return rows
+
     try:
         hosts.up()
+        if "codistill_store" in runs:
+            start_store(hosts, args.work_dir)
         for rate in args.rates.split(","):
             hosts.shape(rate)
-            allreduce = run_method(hosts, "allreduce", rate, args, [*common, "--max_steps", str(args.max_steps)])
-            target = allreduce[0]["evals"][-1]["eval_loss"]
-            print(f"{rate}: all-reduce reached eval loss {target:.4f} in {allreduce[0]['train_seconds']:.1f} s",
-                  flush=True)
-            codistill = run_method(hosts, "codistill", rate, args,
-                                   [*common, "--max_steps", str(args.codistill_max_steps), "--target_loss",
-                                    str(target)])
-            groups = {r["group_index"]: r for r in codistill if r["group_rank"] == 0}
-            print(f"{rate}: codistill stopped at step {codistill[0]['steps']} after "
-                  f"{codistill[0]['train_seconds']:.1f} s", flush=True)
-            results[rate] = {"allreduce": allreduce[0],
-                             "codistill": {"steps": codistill[0]["steps"],
-                                           "train_seconds": codistill[0]["train_seconds"],
-                                           "eval_seconds": codistill[0]["eval_seconds"],
-                                           "groups": [groups[g] for g in sorted(groups)]}}
+            results[rate] = {}
+            short = rate in args.short_rates.split(",")
+            for name in [name for name in args.short_rate_runs.split(",") if name not in missing] if short else runs:
+                method = name.removesuffix("_own")
+                if name == "allreduce":
+                    extra = [*common, "--max_steps", str(args.max_steps)]
+                    if short:  # two evaluations time the steps between them
+                        extra += ["--max_steps", str(args.short_steps), "--eval_steps", str(args.short_steps // 2)]
+                else:
+                    extra = [*common, "--max_steps", str(args.other_max_steps), "--sync_every", str(every[name]),
+                             "--target_loss", str(target)]
+                run = run_method(hosts, name, method, rate, args, extra)
+                run["every"], run["projected"] = every[name], name == "allreduce" and short
+                results[rate][name] = run
+                if name == "allreduce" and not short:
+                    target = run["evals"][-1]["eval_loss"]
+                loss = run["evals"][-1]["eval_loss"] if run["evals"] else "-"
+                print(f"{rate}: {name} (every {every[name]}) stopped at step {run['steps']} after "
+                      f"{run['train_seconds']:.1f} s, eval loss {loss}, trunk bytes {run['trunk_bytes']}, "
+                      f"load {run['load_average'][0]:.1f}", flush=True)
+                save()
     finally:
         hosts.down()
-    rows = summarise(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": vars(args), "rows": rows, "runs": results}, f, indent=1)
+    rows = save()
     plot(results, os.path.join(args.out, "eval_loss_vs_time.png"))
     print(markdown(rows))
 
