@@ -136,6 +136,23 @@ def test_recipe_codistilled_in_one_process(recipe, tmp_path):
     assert "Codistillation" in (out / "group_1" / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_clm_recipe_with_use_peft_in_one_process_trains_adapters_of_one_base(tmp_path):
+    """`--codistill --use_peft` without a launcher: one GPT-2, two LoRA students on it, each saved as an adapter."""
+    out = tmp_path / "lora"
+    proc = subprocess.run([sys.executable, str(RECIPES / "run_clm.py"), *COMMON, *ARGS["run_clm.py"], "--codistill",
+                           "--codistill_sync_every", "2", "--use_peft", "--lora_r", "4", "--lora_target_modules",
+                           "c_attn", "--output_dir", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "One process: training 2 codistilled adapters of one base model in it." in proc.stdout + proc.stderr
+    for group in (0, 1):
+        saved = {path.name for path in (out / f"group_{group}").iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= saved
+        assert not (out / f"group_{group}" / "model.safetensors").exists()
+    results = [json.loads((out / f"group_{g}" / "eval_results.json").read_text()) for g in (0, 1)]
+    assert all(math.isfinite(r["eval_loss"]) and 0 <= r["eval_agreement_mean"] <= 1 for r in results)
+
+
 def _run_main(recipe, monkeypatch, *args):
     module = _import_recipe(recipe)
     monkeypatch.setattr(sys, "argv", [f"{recipe}.py", *args])

@@ -86,9 +86,11 @@ def build_models(training_args: CodistillTrainingArguments, build, one_base: boo
     `num_groups` models, model g built under seed + g, and `CodistillTrainer` trains them side by side in the process;
     with `one_base` (`--use_peft`) one model, whose G adapters `CodistillTrainer` trains as the G students.
     """
-    one_process = (training_args.codistill and launched_world_size() == 1 and not training_args.codistill_peer_store
-                   and not one_base)
-    if one_process:
+    in_one_process = (training_args.codistill and launched_world_size() == 1
+                      and not training_args.codistill_peer_store)
+    if in_one_process and one_base:
+        logger.info(f"One process: training {training_args.num_groups} codistilled adapters of one base model in it.")
+    elif in_one_process:
         logger.info(f"One process: training all {training_args.num_groups} codistilled models in it.")
         models = []
         for group in range(training_args.num_groups):
