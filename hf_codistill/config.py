@@ -14,6 +14,7 @@ from transformers.utils import logging
 from .checkpointing import group_dir
 from .docstrings import help_from_docstring, parse_parameters
 from .regularization import WEIGHT_DECAY_SCHEDULES, parse_milestones
+from .sharding import check_sharding_arguments
 from .topology import GroupTopology, get_topology, init_groups, launched_world_size
 
 logger = logging.get_logger(__name__)
@@ -294,17 +295,7 @@ class CodistillTrainingArguments(TrainingArguments):
                 f"`num_groups` must be >= 2 with `codistill=True` (got {self.num_groups}); "
                 "for a single model, drop `--codistill`."
             )
-        if self.deepspeed or self.fsdp:
-            # DeepSpeed's shards are not what the exchange copies, so its peers would silently be wrong. FSDP2 peers
-            # exist (`hf_codistill.sharding`, sharded and exchanged shard to shard), but a checkpoint written by one
-            # rank per group would lose the other ranks' peer shards: refused until checkpoints hold every rank's.
-            sharding = "deepspeed" if self.deepspeed else "fsdp"
-            raise ValueError(
-                f"`{sharding}` is not supported with `codistill=True` by the trainer yet: each group trains with DDP "
-                "(its model whole on every rank). Drop it, or train without `--codistill`. FSDP2 is the sharding "
-                "that codistillation will support: `hf_codistill.sharding` holds FSDP2 peers sharded like the student "
-                "for loops that apply `fully_shard` themselves."
-            )
+        check_sharding_arguments(self, launched_world_size())
         if self.codistill_num_peers is not None and not 1 <= self.codistill_num_peers < self.num_groups:
             raise ValueError(
                 f"`codistill_num_peers` must be between 1 and num_groups - 1 = {self.num_groups - 1} (each group "

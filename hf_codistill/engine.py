@@ -30,6 +30,7 @@ from .checkpointing import (
     PEERS_NAME,
     invalidate_checkpoints_after,
     mark_complete,
+    rank_file,
     read_state,
     rotate_group_checkpoints,
     sibling_checkpoint,
@@ -56,6 +57,7 @@ class PeerSet(Protocol):
 
     dtype: torch.dtype | None
     restores_from_checkpoint: bool
+    state_rank: int | None  # FSDP2 peers: the shard this process holds, saved by every rank in its own file
 
     def peers_of(self, group: int) -> dict[int, nn.Module]: ...
     def check_compatible(self) -> None: ...
@@ -154,15 +156,17 @@ class CodistillEngine(TrainerCallback):
             self.peers.share_initialisation(base_only=bool(resume))
         self.peers.check_compatible()
         if resume:
+            state = read_state(resume[min(resume)])
+            self._check_same_shards(state)
             for group, checkpoint in resume.items():
                 reload_renamed_weights(self.models[group], checkpoint)
                 if self.peers.restores_from_checkpoint:
-                    self.peers.load_state_dict(load_file(os.path.join(checkpoint, PEERS_NAME)))
-            self.peers.load_checkpoint_state(read_state(resume[min(resume)]))
+                    self.peers.load_state_dict(load_file(os.path.join(checkpoint, self._own_file(PEERS_NAME))))
+            self.peers.load_checkpoint_state(state)
             if not self.peers.restores_from_checkpoint:
                 self.peers.refresh(step)
             if self.args.logs_param_distance:
-                loaded = {group: InitialParameters.load(os.path.join(checkpoint, INIT_NAME))
+                loaded = {group: InitialParameters.load(os.path.join(checkpoint, self._own_file(INIT_NAME)))
                           for group, checkpoint in resume.items()}
                 self.initial_parameters = loaded if None not in loaded.values() else {}
             return
@@ -170,6 +174,18 @@ class CodistillEngine(TrainerCallback):
         if self.args.logs_param_distance:
             self.initial_parameters = {group: InitialParameters.of(model) for group, model in self.models.items()}
         self.driver.write_run_info()
+
+    def _own_file(self, name: str) -> str:
+        """A checkpoint file of this process: the group's, or this rank's for peers sharded with FSDP2."""
+        return rank_file(name, self.peers.state_rank)
+
+    def _check_same_shards(self, state: dict) -> None:
+        if self.peers.state_rank is not None and state["group_size"] != self.driver.group_size:
+            raise ValueError(
+                f"This checkpoint was written by groups of {state['group_size']} processes, whose FSDP2 peers are "
+                f"sharded {state['group_size']} ways; this run has {self.driver.group_size} per group. Resume with "
+                f"{state['group_size']} processes per group ({state['group_size'] * self.driver.num_groups} in all)."
+            )
 
     def _shares_initialisation(self, model: nn.Module) -> bool:
         if self.args.codistill_shared_init is not None:
@@ -288,12 +304,13 @@ class CodistillEngine(TrainerCallback):
                        for group in self.models}
         if writer:
             self.driver.prepare_checkpoint(step)
+        if writer or self.peers.state_rank is not None:  # FSDP2 peers: every rank writes its shards
             for group, checkpoint in checkpoints.items():
                 os.makedirs(checkpoint, exist_ok=True)
                 if self.peers.restores_from_checkpoint:
-                    save_file(self.peers.state_dict(group), os.path.join(checkpoint, PEERS_NAME))
+                    save_file(self.peers.state_dict(group), os.path.join(checkpoint, self._own_file(PEERS_NAME)))
                 if group in self.initial_parameters:
-                    self.initial_parameters[group].save(os.path.join(checkpoint, INIT_NAME))
+                    self.initial_parameters[group].save(os.path.join(checkpoint, self._own_file(INIT_NAME)))
         self.driver.barrier("checkpoint-written")
         if writer:
             state = {"num_groups": self.driver.num_groups, "group_size": self.driver.group_size,

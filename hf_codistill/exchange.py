@@ -30,6 +30,7 @@ with, beside `hf_codistill.local_peers.LocalPeers` (all models in one process). 
     state_dict(group) / load_state_dict(state)          the peers as a checkpoint holds them
     counters() / checkpoint_state() / load_checkpoint_state(state)   what is logged and resumed
     restores_from_checkpoint    whether checkpoints hold the peers (else a resumed run refreshes them)
+    state_rank                  FSDP2 peers: the shard this rank holds and saves in its own file (else None)
 
 A third, `hf_codistill.store_peers.StorePeers`, serves groups launched apart that meet through a peer store.
 """
@@ -57,7 +58,7 @@ from .adapters import (
     remove_adapter_peer,
 )
 from .quantization import INT8, as_sent, is_quantized, quantize_peer, quantized_tensors
-from .sharding import is_fully_sharded, local_tensors, sharded_peer
+from .sharding import is_fully_sharded, local_tensors, shard_rank, sharded_peer
 from .topology import GroupTopology
 
 
@@ -188,6 +189,7 @@ class PeerCopies:
         self.topology = topology
         # An FSDP2 model's tensors are already this rank's shards: the column moves them, nothing is gathered.
         self.sharded = sharded and topology.group_size > 1 and not is_fully_sharded(model)
+        self.state_rank = shard_rank(model)  # checkpoints hold each rank's shards of the peers
         group, num_groups = topology.group_index, topology.num_groups
         self.peers: dict[int, nn.Module] = {
             peer: new_peer(model, peer, dtype, adapter_name) for peer in ring_peers(group, num_groups, num_peers)

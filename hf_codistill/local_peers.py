@@ -23,6 +23,7 @@ class LocalPeers:
     adapter the active one."""
 
     restores_from_checkpoint = True
+    state_rank = None  # one file per checkpoint
 
     def __init__(self, models: dict[int, nn.Module], live: bool, dtype: torch.dtype | None = None,
                  num_peers: int | None = None):

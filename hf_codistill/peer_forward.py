@@ -25,8 +25,10 @@ from .losses import label_mask, labels_per_token, select_labelled_positions
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether `model` (unwrapped; a PEFT model's base) is a causal LM: its position t is scored against label t+1."""
-    return type(base_model_of(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    """Whether `model` (unwrapped; a PEFT model's base) is a causal LM: its position t is scored against label t+1.
+    Read from its class and the classes it derives from: `fully_shard` renames the class (`FSDPGPT2LMHeadModel`)."""
+    causal_lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(cls.__name__ in causal_lm_classes for cls in type(base_model_of(model)).__mro__)
 
 
 def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:

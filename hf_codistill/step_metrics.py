@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import TrainerCallback
 
-from .checkpointing import INIT_NAME, save_file_atomically
+from .checkpointing import INIT_NAME, rank_file, save_file_atomically
+from .sharding import shard_rank
 
 
 class MetricSums:
@@ -45,7 +46,9 @@ class InitialParameters:
 
     @classmethod
     def of(cls, model: nn.Module) -> InitialParameters:
-        return cls({name: p.detach().float().cpu().clone() for name, p in model.named_parameters() if p.requires_grad})
+        """`model`'s trainable parameters now: this process's shards of an FSDP2 model (`sharding.shard_rank`)."""
+        return cls({name: _local(p).detach().float().cpu().clone()
+                    for name, p in model.named_parameters() if p.requires_grad})
 
     @classmethod
     def load(cls, path: str) -> InitialParameters | None:
@@ -57,12 +60,24 @@ class InitialParameters:
 
     @torch.no_grad()
     def distance(self, model: nn.Module) -> float:
-        """L2 distance between `model`'s trainable parameters and these."""
-        squared = 0.0
+        """L2 distance between `model`'s trainable parameters and these; for an FSDP2 model summed over its shards
+        (collective over the group: every rank of it calls this)."""
+        squared = torch.zeros((), dtype=torch.float64)
         for name, param in model.named_parameters():
             if name in self.tensors:
-                squared += (param.detach().float().cpu() - self.tensors[name]).pow(2).sum().item()
-        return math.sqrt(squared)
+                squared += (_local(param).detach().float().cpu() - self.tensors[name]).pow(2).sum().double()
+        if shard_rank(model) is not None:
+            mesh = next(model.parameters()).device_mesh
+            total = squared.to(next(model.parameters()).device)
+            torch.distributed.all_reduce(total, group=mesh.get_group())
+            squared = total.cpu()
+        return math.sqrt(squared.item())
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A parameter, or this process's shard of it (an FSDP2 `DTensor`)."""
+    to_local = getattr(param, "to_local", None)
+    return to_local() if to_local is not None else param
 
 
 class ParameterDistanceCallback(TrainerCallback):
@@ -74,12 +89,14 @@ class ParameterDistanceCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         checkpoint = (self.trainer.resume_checkpoints() or {}).get(0)
-        loaded = InitialParameters.load(os.path.join(checkpoint, INIT_NAME)) if checkpoint else None
+        name = rank_file(INIT_NAME, shard_rank(self.trainer.model))
+        loaded = InitialParameters.load(os.path.join(checkpoint, name)) if checkpoint else None
         self.trainer.initial_parameters = loaded or InitialParameters.of(self.trainer.model)
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
+        rank = shard_rank(self.trainer.model)
+        if args.should_save or rank is not None:  # FSDP2: every rank writes its shards
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             os.makedirs(checkpoint, exist_ok=True)
             # After Trainer's own files (no completion marker without codistillation): all or nothing.
-            self.trainer.initial_parameters.save(os.path.join(checkpoint, INIT_NAME))
+            self.trainer.initial_parameters.save(os.path.join(checkpoint, rank_file(INIT_NAME, rank)))

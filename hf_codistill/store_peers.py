@@ -49,6 +49,7 @@ class StorePeers:
 
     # A resumed group reads its peers' newest versions from the store instead of restoring them from a checkpoint.
     restores_from_checkpoint = False
+    state_rank = None
 
     def __init__(self, model: nn.Module, store: PeerStore, num_groups: int, num_peers: int | None = None,
                  dtype: torch.dtype | None = None, max_age_steps: int | None = None,

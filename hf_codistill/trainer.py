@@ -39,6 +39,7 @@ from .model_card import (
 from .peer_evaluation import PeerEvaluation
 from .peer_forward import is_causal_lm, logits_of, peer_logits_at_labels
 from .regularization import WeightDecaySchedule, parse_milestones
+from .sharding import check_sharded_trainer
 from .step_metrics import InitialParameters, ParameterDistanceCallback
 from .store_peers import StorePeers
 from .topology import GroupTopology, SeparateGroup, get_topology, launched_world_size
@@ -99,6 +100,8 @@ class CodistillTrainer(Trainer):
             self.codistill_root = args.output_dir
             args = args.for_group(self.group_index, reports=self.topology is None or self.topology.is_world_zero)
         super().__init__(model, args, *a, **kw)
+        if self.codistilling:
+            check_sharded_trainer(self)
         self._add_weight_decay_schedule()
         if not self.codistilling:
             if getattr(self.args, "logs_param_distance", False):
@@ -375,8 +378,9 @@ class CodistillTrainer(Trainer):
         def group_mean(total: torch.Tensor) -> torch.Tensor:
             return self.accelerator.reduce(total.to(self.args.device), reduction="mean")
 
+        # The distance of an FSDP2 model sums its shards over the group: every rank computes it.
         metrics = self.engine.pop_metrics(self.state.global_step, group_mean,
-                                          with_distance=self.args.process_index == 0)
+                                          with_distance=self.args.process_index == 0 or self.is_fsdp_enabled)
         return metrics[self.group_index]
 
     def parameter_distance_from_init(self, group: int | None = None) -> float:
@@ -399,10 +403,21 @@ class CodistillTrainer(Trainer):
             if not self.codistilling or _internal_call:
                 return super().save_model(output_dir, _internal_call)
             root = output_dir if output_dir is not None else self.codistill_root
-            super().save_model(group_dir(root, self.group_index), _internal_call)
+            self._save_whole_model(group_dir(root, self.group_index), push=True)
             if self.group_index == 0:
-                super().save_model(root, _internal_call=True)
+                self._save_whole_model(root, push=False)
                 self.write_run_info(root)
+
+    def _save_whole_model(self, output_dir: str, push: bool) -> None:
+        """Trainer's `save_model` (pushing with `push`), except that an FSDP2 group with sharded checkpoints
+        (`fsdp_config["state_dict_type"] = "SHARDED_STATE_DICT"`), for which Trainer writes nothing, gathers its
+        model whole (collective over the group), so that `from_pretrained(output_dir)` reads it."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call=not push)
+        self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+        if push and self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Trainer's card, tagged `codistillation`, plus a section with G, k, alpha, the peers and the ensemble."""

@@ -149,8 +149,55 @@ def test_a_number_of_peers_outside_one_to_g_minus_one_names_the_range(num_peers)
         CodistillTrainingArguments("x", codistill=True, num_groups=3, codistill_num_peers=num_peers, use_cpu=True)
 
 
-@pytest.mark.parametrize("sharding", [{"fsdp": "full_shard"}, {"deepspeed": {"zero_optimization": {"stage": 2}}}])
-def test_sharded_training_is_refused_rather_than_exchanging_shards(sharding):
-    name = next(iter(sharding))
-    with pytest.raises(ValueError, match=f"`{name}` is not supported with `codistill=True`"):
+def test_deepspeed_is_refused_naming_fsdp2():
+    with pytest.raises(ValueError, match=r"`deepspeed` is not supported with `codistill=True`.*FSDP2 is the sharding"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True, deepspeed={"zero_optimization": {"stage": 2}})
+
+
+@pytest.mark.parametrize("sharding", [
+    {"fsdp": "full_shard", "fsdp_config": {"version": 1}},
+    {"fsdp": True, "fsdp_config": {"fsdp_version": 1}},
+])
+def test_fsdp1_is_refused_naming_fsdp2(sharding):
+    with pytest.raises(ValueError, match=r"FSDP version 1 is not supported with `codistill=True`.*fsdp_config"):
         CodistillTrainingArguments("x", codistill=True, use_cpu=True, **sharding)
+
+
+def test_fsdp_from_an_accelerate_config_counts_and_defaults_to_fsdp1(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="and this is one process"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True)
+
+
+def test_fsdp_in_one_process_or_with_one_process_per_group_is_refused(monkeypatch, tmp_path):
+    config = tmp_path / "fsdp.json"  # `fsdp_config` as a file, as on the command line
+    config.write_text('{"fsdp_version": 2}')
+    with pytest.raises(ValueError, match=r"and this is one process: the models it trains \(a list of models"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True, fsdp="full_shard", fsdp_config=str(config))
+    monkeypatch.setenv("CODISTILL_WORLD_SIZE", "2")  # as a launch of 2 processes for 2 groups
+    with pytest.raises(ValueError, match=r"gives each group one process, over which there is nothing to shard"):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True, fsdp=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"codistill_peer_dtype": "bfloat16"}, r"`codistill_peer_dtype='bfloat16'` is not supported with FSDP2 groups"),
+    ({"codistill_peer_store": "/tmp/store", "codistill_group_index": 0},
+     "`codistill_peer_store` publishes each group's model whole"),
+    ({"fsdp_config": {"cpu_offload": True}}, "FSDP2's CPU offload is not supported"),
+])
+def test_fsdp2_refuses_what_its_peers_cannot_do(monkeypatch, kwargs, message):
+    monkeypatch.setenv("CODISTILL_WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=message):
+        CodistillTrainingArguments("x", codistill=True, use_cpu=True, fsdp=True, **kwargs)
+
+
+def test_fsdp2_with_two_processes_per_group_is_accepted():
+    from hf_codistill.sharding import check_sharding_arguments, requested_sharding
+
+    args = CodistillTrainingArguments("x", use_cpu=True, fsdp=True, fsdp_config={"version": 2})
+    args.codistill = True
+    assert requested_sharding(args) == ("fsdp", 2)
+    check_sharding_arguments(args, world_size=4)  # 2 groups of 2: nothing to refuse
