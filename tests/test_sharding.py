@@ -6,8 +6,12 @@ against the same groups trained with DDP."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load
+from transformers import GPT2LMHeadModel
 
 from tests.conftest import SCRIPTS
+from tests.hub_server import USER, RecordingHub
 
 
 def test_sharded_peers_equal_the_other_groups_model_bit_for_bit(tmp_path, launcher):
@@ -42,8 +46,14 @@ def sharded_runs(tmp_path_factory, launcher):
                                   "state_dict_type": "SHARDED_STATE_DICT"}))
     fsdp = ["--fsdp", "full_shard", "--fsdp_config", str(config)]
     out = root / "out"
-    runs = {"fsdp": launcher(SCRIPTS / "train_sharded.py", 4, [*TRAIN, *fsdp, "--output_dir", str(out),
-                                                              "--x-shard_on_cpu=1"], root / "fsdp")}
+    with RecordingHub() as hub:  # the fresh run pushes each group's model (`save_model`) to a local recording Hub
+        runs = {"fsdp": launcher(
+            SCRIPTS / "train_sharded.py", 4,
+            [*TRAIN, *fsdp, "--output_dir", str(out), "--x-shard_on_cpu=1", "--push_to_hub", "--hub_model_id",
+             "gpt2-fsdp", "--hub_token", "hf_codistillTestToken0123456789", "--hub_strategy", "end"],
+            root / "fsdp", env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": None, "HF_HUB_DISABLE_TELEMETRY": "1"})}
+    runs["hub"] = hub
+    runs["saved"] = {group: GPT2LMHeadModel.from_pretrained(out / f"group_{group}").state_dict() for group in (0, 1)}
     runs["checkpoint"] = sorted(path.name for path in (out / "group_1" / "checkpoint-4").iterdir())
     runs["resumed"] = launcher(SCRIPTS / "train_sharded.py", 4, [
         *TRAIN, *fsdp, "--output_dir", str(out), "--x-shard_on_cpu=1",
@@ -84,6 +94,19 @@ def test_fsdp2_groups_train_through_the_trainer_as_ddp_groups_do(sharded_runs):
     # The final models are saved whole (gathered), so `from_pretrained(output_dir/group_g)` reads them.
     assert fsdp[0]["saved"] == fsdp[0]["saved_root"] == fsdp[0]["final_own"]
     assert fsdp[2]["saved"] == fsdp[2]["final_own"]
+
+
+@pytest.mark.slow
+def test_fsdp2_groups_push_their_whole_models_to_the_hub(sharded_runs):
+    hub = sharded_runs["hub"]
+    assert not hub.unhandled, hub.unhandled
+    assert set(hub.repos) == {f"{USER}/gpt2-fsdp-group-0", f"{USER}/gpt2-fsdp-group-1"}
+    for group in (0, 1):
+        files = hub.repos[f"{USER}/gpt2-fsdp-group-{group}"]
+        assert {"README.md", "config.json", "model.safetensors"} <= set(files)
+        assert "- codistillation" in files["README.md"].decode()
+        pushed, saved = load(files["model.safetensors"]), sharded_runs["saved"][group]
+        assert pushed.keys() and all(torch.equal(pushed[name], saved[name]) for name in pushed)
 
 
 @pytest.mark.slow
