@@ -39,10 +39,7 @@ def requested_sharding(args) -> tuple[str | None, int | None]:
     if args.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed", None
     if args.fsdp:
-        config = args.fsdp_config or {}
-        if isinstance(config, str):
-            with open(config, encoding="utf-8") as f:
-                config = json.load(f)
+        config = _fsdp_config(args)
         return "fsdp", int(config.get("version", config.get("fsdp_version", 2)))
     if _env_flag("ACCELERATE_USE_FSDP"):
         return "fsdp", int(os.environ.get("FSDP_VERSION", "1"))
@@ -98,8 +95,17 @@ def check_sharding_arguments(args, world_size: int) -> None:
         )
 
 
+def _fsdp_config(args) -> dict:
+    """`fsdp_config` as a dict, read from its JSON file when given one (before `TrainingArguments` reads it)."""
+    config = args.fsdp_config or {}
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    return config
+
+
 def _offloads(args) -> bool:
-    config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
+    config = _fsdp_config(args)
     offload = str(config.get("cpu_offload", config.get("fsdp_cpu_offload", False))).lower() in ("true", "1")
     return offload or "offload" in str(args.fsdp) or _env_flag("FSDP_OFFLOAD_PARAMS")
 

@@ -187,9 +187,12 @@ def test_fsdp_in_one_process_or_with_one_process_per_group_is_refused(monkeypatc
     ({"codistill_peer_store": "/tmp/store", "codistill_group_index": 0},
      "`codistill_peer_store` publishes each group's model whole"),
     ({"fsdp_config": {"cpu_offload": True}}, "FSDP2's CPU offload is not supported"),
+    ({"fsdp_config": "offload.json"}, "FSDP2's CPU offload is not supported"),
 ])
-def test_fsdp2_refuses_what_its_peers_cannot_do(monkeypatch, kwargs, message):
+def test_fsdp2_refuses_what_its_peers_cannot_do(monkeypatch, tmp_path, kwargs, message):
     monkeypatch.setenv("CODISTILL_WORLD_SIZE", "4")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "offload.json").write_text('{"fsdp_version": 2, "fsdp_cpu_offload": "true"}')
     with pytest.raises(ValueError, match=message):
         CodistillTrainingArguments("x", codistill=True, use_cpu=True, fsdp=True, **kwargs)
 
