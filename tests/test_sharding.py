@@ -38,8 +38,9 @@ TRAIN = ["--codistill", "--num_groups", "2", "--codistill_sync_every", "2", "--m
 
 @pytest.fixture(scope="module")
 def sharded_runs(tmp_path_factory, launcher):
-    """Three launches of `train_sharded.py`: FSDP2 with sharded checkpoints, the same resumed from its step 4, and
-    the same arguments without the CPU shim, which accelerate trains with DDP (the reference)."""
+    """Four launches of `train_sharded.py`: FSDP2 with sharded checkpoints, the same resumed from its step 4, the
+    same arguments without the CPU shim, which accelerate trains with DDP (the reference), and FSDP2 with the
+    background exchange."""
     root = tmp_path_factory.mktemp("fsdp_trainer")
     config = root / "fsdp.json"
     config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
@@ -60,6 +61,9 @@ def sharded_runs(tmp_path_factory, launcher):
         f"--x-resume={out / 'group_0' / 'checkpoint-4'}"], root / "resumed")
     runs["ddp"] = launcher(SCRIPTS / "train_sharded.py", 4, [*TRAIN, *fsdp, "--output_dir", str(root / "ddp")],
                            root / "ddp")
+    runs["overlap"] = launcher(SCRIPTS / "train_sharded.py", 4, [
+        *TRAIN, *fsdp, "--output_dir", str(root / "overlap"), "--x-shard_on_cpu=1",
+        "--codistill_overlap_exchange", "true"], root / "overlap")
     return runs
 
 
@@ -122,3 +126,16 @@ def test_fsdp2_checkpoints_hold_each_ranks_peer_shards_and_resume_exactly(sharde
         assert resumed["steps"] == fresh["steps"][4:]  # the model and its peers, bit for bit
         assert resumed["final_own"] == fresh["final_own"]
         assert resumed["eval"]["eval_loss"] == fresh["eval"]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_fsdp2_groups_exchange_their_shards_in_the_background(sharded_runs):
+    """With `codistill_overlap_exchange` a snapshot of the shards taken at step s lands at the end of step s + 1;
+    before a checkpoint (step 4) and the end (step 8) the exchange completes at once."""
+    ranks = sharded_runs["overlap"]
+    for own, other in ((0, 2), (2, 0)):
+        peer = {step["step"]: next(iter(step["peers"].values())) for step in ranks[own]["steps"]}
+        theirs = {step["step"]: step["own"] for step in ranks[other]["steps"]}
+        assert [peer[s + 1] for s in (2, 6)] == [theirs[s] for s in (2, 6)]
+        assert [peer[s] for s in (2, 6)] != [theirs[s] for s in (2, 6)]  # still the previous peer at step s
+        assert [peer[s] for s in (4, 8)] == [theirs[s] for s in (4, 8)]
