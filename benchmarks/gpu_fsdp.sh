@@ -34,7 +34,7 @@ launch fsdp "${FSDP[@]}" --output_dir "$OUT/run"
 launch resumed "${FSDP[@]}" --output_dir "$OUT/run" --x-resume="$OUT/run/group_0/checkpoint-4"
 launch ddp --output_dir "$OUT/ddp_run"
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
-import json, math, pathlib, sys
+import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 runs = {name: [json.loads(p.read_text()) for p in sorted((out / name).glob("rank*.json"))]
         for name in ("fsdp", "resumed", "ddp")}

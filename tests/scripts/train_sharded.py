@@ -47,6 +47,8 @@ def checksum(tensors):
 
 
 class Messages(logging.Handler):
+    """The warnings a logger gave (here the library's sharding module's)."""
+
     def __init__(self):
         super().__init__(logging.WARNING)
         self.messages = []
@@ -56,8 +58,10 @@ class Messages(logging.Handler):
 
 
 class Recorder(TrainerCallback):
+    """Checksums of this group's model when training starts and, after every optimizer step, of it and its peers."""
+
     def __init__(self, trainer):
-        self.trainer, self.steps = trainer, []
+        self.trainer, self.steps, self.start = trainer, [], None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = checksum(self.trainer.model.parameters())
