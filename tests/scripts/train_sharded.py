@@ -13,12 +13,13 @@ import os
 import sys
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from hf_codistill import CodistillTrainer, CodistillTrainingArguments  # noqa: E402
 from hf_codistill.recipes.data import load_shakespeare  # noqa: E402
 from hf_codistill.sharding import is_fully_sharded  # noqa: E402
+from tests.scripts.recording import Recorder, checksum, whole  # noqa: E402
 
 BLOCK = 32
 
@@ -36,16 +37,6 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config)
 
 
-def whole(tensor):
-    """A parameter gathered whole (collective over the group for an FSDP2 shard)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def checksum(tensors):
-    flat = torch.cat([whole(t).detach().double().reshape(-1).cpu() for t in tensors])
-    return float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64).remainder(97)).sum())
-
-
 class Messages(logging.Handler):
     """The warnings a logger gave (here the library's sharding module's)."""
 
@@ -55,21 +46,6 @@ class Messages(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
-
-
-class Recorder(TrainerCallback):
-    """Checksums of this group's model when training starts and, after every optimizer step, of it and its peers."""
-
-    def __init__(self, trainer):
-        self.trainer, self.steps, self.start = trainer, [], None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = checksum(self.trainer.model.parameters())
-
-    def on_step_end(self, args, state, control, **kwargs):
-        peers = self.trainer.peer_copies
-        self.steps.append({"step": state.global_step, "own": checksum(self.trainer.model.parameters()),
-                           "peers": {str(g): checksum(p.parameters()) for g, p in peers.peers.items()}})
 
 
 def main():
