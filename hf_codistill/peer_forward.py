@@ -23,12 +23,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .adapters import base_model_of
 from .losses import label_mask, labels_per_token, select_labelled_positions
 
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
 
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether `model` (unwrapped; a PEFT model's base) is a causal LM: its position t is scored against label t+1.
     Read from its class and the classes it derives from: `fully_shard` renames the class (`FSDPGPT2LMHeadModel`)."""
-    causal_lm_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(cls.__name__ in causal_lm_classes for cls in type(base_model_of(model)).__mro__)
+    return any(cls.__name__ in _CAUSAL_LM_CLASSES for cls in type(base_model_of(model)).__mro__)
 
 
 def in_precision(inputs: dict, dtype: torch.dtype | None) -> dict:
